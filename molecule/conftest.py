@@ -1,0 +1,74 @@
+"""Fixtures shared by the lab scenarios' testinfra tests (molecule/<scenario>/tests).
+
+The lab hosts are containers of the local engine, so testinfra reaches them with its
+docker backend; playbook runs use the project's ansible.cfg (inventory/lab).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import testinfra
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+LAB_HOSTS = ("ai-lab-mainpc", "ai-lab-pc2")
+RECAP_LINE = re.compile(r"^(?P<host>\S+)\s+:\s+(?P<counts>(?:\w+=\d+\s*)+)$", re.MULTILINE)
+
+
+def lab_host(name: str) -> testinfra.host.Host:
+    return testinfra.get_host(f"docker://{name}")
+
+
+@pytest.fixture(scope="session")
+def mainpc() -> testinfra.host.Host:
+    return lab_host("ai-lab-mainpc")
+
+
+@pytest.fixture(scope="session")
+def pc2() -> testinfra.host.Host:
+    return lab_host("ai-lab-pc2")
+
+
+@pytest.fixture(scope="session", params=LAB_HOSTS)
+def host(request: pytest.FixtureRequest) -> testinfra.host.Host:
+    """Each lab host in turn."""
+    return lab_host(request.param)
+
+
+@pytest.fixture(scope="session")
+def scenario_dir() -> Path:
+    return Path(os.environ.get("MOLECULE_SCENARIO_DIRECTORY", PROJECT_DIR / "molecule" / "default"))
+
+
+def run_playbook(playbook: Path | str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ansible-playbook from the project venv with the project's configuration."""
+    env = dict(os.environ, ANSIBLE_CONFIG=str(PROJECT_DIR / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0")
+    cmd = [str(Path(sys.executable).parent / "ansible-playbook"), str(playbook), *args]
+    result = subprocess.run(cmd, cwd=PROJECT_DIR, env=env, text=True, capture_output=True, check=False)
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed (rc={result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-2000:]}")
+    return result
+
+
+def play_recap(output: str) -> dict[str, dict[str, int]]:
+    """The PLAY RECAP counters per host: {'ai-lab-pc2': {'ok': 12, 'changed': 0, ...}}."""
+    recap = output.rsplit("PLAY RECAP", 1)[-1]
+    return {
+        m["host"]: {k: int(v) for k, v in (kv.split("=") for kv in m["counts"].split())}
+        for m in RECAP_LINE.finditer(recap)
+    }
+
+
+def assert_check_mode_predicts_no_change(playbook: Path, *args: str) -> None:
+    """A check-mode run after converge must report nothing to change and no failure."""
+    result = run_playbook(playbook, "--check", "--diff", *args)
+    recap = play_recap(result.stdout)
+    assert recap, result.stdout[-3000:]
+    for name, counts in recap.items():
+        assert counts["failed"] == 0 and counts["unreachable"] == 0, f"{name}: {counts}"
+        assert counts["changed"] == 0, f"check mode predicts changes on {name}:\n{result.stdout[-5000:]}"

@@ -1,0 +1,278 @@
+"""Filters of the ai_stack role: validate the service catalogue and build the Compose project.
+
+The catalogue is inventory data (group_vars per machine); doing this in Python rather than
+in Jinja keeps the checks exhaustive and the rendered Compose file predictable.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+try:
+    import jmespath
+except ImportError:  # pragma: no cover - jmespath is in requirements.txt
+    jmespath = None
+
+SERVICE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+SERVICE_KEYS = {
+    "name", "port", "health_port", "extra_ports", "depends_on", "gpu", "memory_limit_mb",
+    "image", "env", "shared", "health_expect", "healthcheck", "read_only", "command",
+}
+MACHINE_TYPES = {"MAINPC", "PC2"}
+
+
+def _is_port(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
+
+
+def health_port(service: dict, offset: int) -> int:
+    return service.get("health_port") or service["port"] + offset
+
+
+def ai_stack_errors(services: Any, machine_type: Any, gpu_host: bool, default_image: Any,
+                    health_port_offset: int = 1000) -> list[str]:
+    """Every problem of the catalogue, each naming the variable and the service."""
+    var = "ai_stack_services"
+    errors: list[str] = []
+    if machine_type not in MACHINE_TYPES:
+        errors.append(f"ai_machine_type: {machine_type!r} is not one of {sorted(MACHINE_TYPES)}")
+    if not isinstance(services, list) or not services:
+        return errors + [f"{var}: must be a non-empty list of services, got {type(services).__name__}"]
+
+    names: list[str] = []
+    for index, service in enumerate(services):
+        if not isinstance(service, dict):
+            errors.append(f"{var}[{index}]: must be a dict, got {type(service).__name__}")
+            continue
+        name = service.get("name")
+        where = f"{var}[{index}] ({name})" if name else f"{var}[{index}]"
+        if not isinstance(name, str) or not SERVICE_NAME.match(name):
+            errors.append(f"{where}: name must be lowercase letters, digits and dashes")
+        elif name in names:
+            errors.append(f"{where}: duplicate service name {name!r}")
+        else:
+            names.append(name)
+        unknown = set(service) - SERVICE_KEYS
+        if unknown:
+            errors.append(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(SERVICE_KEYS)})")
+        if not _is_port(service.get("port")):
+            errors.append(f"{where}.port: must be an integer 1-65535, got {service.get('port')!r}")
+        if "health_port" in service and not _is_port(service["health_port"]):
+            errors.append(f"{where}.health_port: must be an integer 1-65535, got {service['health_port']!r}")
+        elif _is_port(service.get("port")) and not _is_port(health_port(service, health_port_offset)):
+            errors.append(f"{where}.health_port: port + {health_port_offset} is beyond 65535; set health_port")
+        extra = service.get("extra_ports", [])
+        if not isinstance(extra, list) or not all(_is_port(p) for p in extra):
+            errors.append(f"{where}.extra_ports: must be a list of integers 1-65535, got {extra!r}")
+        deps = service.get("depends_on", [])
+        if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
+            errors.append(f"{where}.depends_on: must be a list of service names, got {deps!r}")
+        for key in ("gpu", "shared", "read_only"):
+            if key in service and not isinstance(service[key], bool):
+                errors.append(f"{where}.{key}: must be true or false, got {service[key]!r}")
+        if service.get("gpu") is True and not gpu_host:
+            errors.append(f"{where}.gpu: GPU service on a host outside the gpu_hosts group")
+        memory = service.get("memory_limit_mb")
+        if memory is not None and (not isinstance(memory, int) or isinstance(memory, bool) or memory < 64):
+            errors.append(f"{where}.memory_limit_mb: must be an integer >= 64, got {memory!r}")
+        image = service.get("image", default_image)
+        if not isinstance(image, str) or not image.strip():
+            errors.append(f"{where}.image: no image (set the service's image or ai_stack_image)")
+        env = service.get("env", {})
+        if not isinstance(env, dict):
+            errors.append(f"{where}.env: must be a dict, got {type(env).__name__}")
+        expect = service.get("health_expect")
+        if expect is not None:
+            if not isinstance(expect, str):
+                errors.append(f"{where}.health_expect: must be a JMESPath string")
+            elif jmespath is not None:
+                try:
+                    jmespath.compile(expect)
+                except jmespath.exceptions.JMESPathError as exc:
+                    errors.append(f"{where}.health_expect: invalid JMESPath {expect!r}: {exc}")
+
+    valid = [s for s in services if isinstance(s, dict) and isinstance(s.get("name"), str)]
+    errors += _port_errors(valid, health_port_offset)
+    errors += _dependency_errors(valid, set(names))
+    return errors
+
+
+def _port_errors(services: list[dict], offset: int) -> list[str]:
+    used: dict[int, str] = {}
+    errors = []
+    for service in services:
+        if not _is_port(service.get("port")):
+            continue
+        ports = [("port", service["port"]), ("health_port", health_port(service, offset))]
+        ports += [("extra_ports", p) for p in service.get("extra_ports", []) if _is_port(p)]
+        for key, port in ports:
+            if not _is_port(port):
+                continue
+            owner = used.setdefault(port, f"{service['name']}.{key}")
+            if owner != f"{service['name']}.{key}":
+                errors.append(f"ai_stack_services ({service['name']}).{key}: port {port} is already used by {owner}")
+    return errors
+
+
+def _dependency_errors(services: list[dict], names: set[str]) -> list[str]:
+    errors = []
+    graph = {}
+    for service in services:
+        deps = service.get("depends_on", [])
+        if not isinstance(deps, list):
+            continue
+        graph[service["name"]] = [d for d in deps if isinstance(d, str)]
+        for dep in graph[service["name"]]:
+            if dep not in names:
+                errors.append(f"ai_stack_services ({service['name']}).depends_on: no service named {dep!r} on this machine")
+            if dep == service["name"]:
+                errors.append(f"ai_stack_services ({service['name']}).depends_on: a service cannot depend on itself")
+    # Cycles: depth-first search over the known names.
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in graph.get(node, []):
+            if dep not in graph or dep == node:
+                continue
+            if state.get(dep) == 1:
+                cycle = path[path.index(dep):] + [dep] if dep in path else [node, dep]
+                errors.append(f"ai_stack_services: dependency cycle {' -> '.join(cycle)}")
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[node] = 2
+
+    for name in graph:
+        if name not in state:
+            visit(name, [name])
+    return errors
+
+
+def ai_stack_compose(services: list[dict], settings: dict) -> dict:
+    """The Compose project (as a dict) for this machine's services."""
+    offset = settings["health_port_offset"]
+    local_net, shared_net = settings["local_network"], settings["shared_network"]
+    compose_services = {}
+    for service in services:
+        name = service["name"]
+        hport = health_port(service, offset)
+        publish = settings["publish_address"]
+        ports = [f"{publish}:{p}:{p}" for p in [service["port"], *service.get("extra_ports", [])]]
+        # Health ports answer only the host's own probe.
+        ports.append(f"127.0.0.1:{hport}:{hport}")
+        networks = [local_net] + ([shared_net] if service.get("shared") else [])
+        spec: dict[str, Any] = {
+            "image": service.get("image") or settings["image"],
+            "container_name": name,
+            "hostname": name,
+            "env_file": [settings["env_file"]],
+            "environment": {
+                "AGENT_NAME": name,
+                "AGENT_PORT": str(service["port"]),
+                "HEALTH_PORT": str(hport),
+                "AGENT_ADVERTISE_HOST": name,
+                **{k: str(v) for k, v in service.get("env", {}).items()},
+            },
+            "user": settings["user"],
+            "read_only": service.get("read_only", settings["read_only"]),
+            "tmpfs": ["/tmp"],
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges:true"],
+            "mem_limit": f"{service.get('memory_limit_mb', settings['memory_limit_mb'])}m",
+            "restart": "unless-stopped",
+            "logging": settings["logging"],
+            "ports": ports,
+            "volumes": [
+                f"{settings['certificates_dir']}:/app/certificates:ro",
+                f"{settings['logs_dir']}/{name}:/app/logs",
+            ],
+            "networks": networks,
+            "healthcheck": service.get("healthcheck", settings["healthcheck"]),
+            "labels": {
+                # Changes when the key files change, so rotation recreates the containers.
+                "ai-system.certificates": settings["certificates_digest"],
+                "ai-system.health-port": str(hport),
+            },
+        }
+        if service.get("command"):
+            spec["command"] = service["command"]
+        deps = service.get("depends_on", [])
+        if deps:
+            spec["depends_on"] = {d: {"condition": "service_healthy"} for d in deps}
+        if service.get("gpu") and settings["gpu_reservations"]:
+            spec["deploy"] = {"resources": {"reservations": {"devices": [
+                {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]}}}
+        compose_services[name] = spec
+
+    used_networks = {local_net} | ({shared_net} if any(s.get("shared") for s in services) else set())
+    return {
+        "name": settings["project"],
+        "services": compose_services,
+        # Both networks are made by the swarm_network role; Compose only attaches to them.
+        "networks": {n: {"external": True} for n in sorted(used_networks)},
+    }
+
+
+def ai_stack_service_ports(services: list[dict], offset: int = 1000) -> dict[str, int]:
+    """{SERVICE_NAME_PORT: port} for the env file, as the seed's env files list them."""
+    env = {}
+    for service in services:
+        env[service["name"].upper().replace("-", "_") + "_PORT"] = service["port"]
+        env[service["name"].upper().replace("-", "_") + "_HEALTH_PORT"] = health_port(service, offset)
+    return env
+
+
+def ai_stack_health_endpoints(services: list[dict], offset: int = 1000, address: str = "127.0.0.1") -> list[dict]:
+    """zmq_health endpoints for every service's health port."""
+    endpoints = []
+    for service in services:
+        endpoint = {"name": service["name"], "url": f"tcp://{address}:{health_port(service, offset)}"}
+        if service.get("health_expect"):
+            endpoint["expect"] = service["health_expect"]
+        endpoints.append(endpoint)
+    return endpoints
+
+
+def ai_stack_compose_health_endpoints(compose: dict, address: str = "127.0.0.1") -> list[dict]:
+    """zmq_health endpoints of a rendered Compose project (from its health-port labels)."""
+    return [
+        {"name": name, "url": f"tcp://{address}:{spec['labels']['ai-system.health-port']}"}
+        for name, spec in compose.get("services", {}).items()
+        if "ai-system.health-port" in spec.get("labels", {})
+    ]
+
+
+def ai_stack_runtime_drift(containers: list[dict], compose: dict) -> list[str]:
+    """How the running containers differ from the Compose project (what a deploy would fix)."""
+    by_name = {c["Names"][0].lstrip("/"): c for c in containers if c.get("Names")}
+    findings = []
+    for name, spec in compose.get("services", {}).items():
+        container = by_name.get(spec.get("container_name", name))
+        if container is None:
+            findings.append(f"{name}: container missing (would be created)")
+            continue
+        if container.get("State") != "running":
+            findings.append(f"{name}: container {container.get('State')} (would be started)")
+        if container.get("Image") != spec["image"]:
+            findings.append(f"{name}: runs image {container.get('Image')}, expected {spec['image']} (would be recreated)")
+        expected_keys = spec.get("labels", {}).get("ai-system.certificates")
+        if expected_keys and container.get("Labels", {}).get("ai-system.certificates") != expected_keys:
+            findings.append(f"{name}: started with other CURVE keys (would be recreated)")
+        if "(unhealthy)" in container.get("Status", ""):
+            findings.append(f"{name}: Docker healthcheck reports unhealthy")
+    for name in sorted(set(by_name) - {s.get("container_name", n) for n, s in compose.get("services", {}).items()}):
+        findings.append(f"{name}: container not in the Compose project (would be removed)")
+    return findings
+
+
+class FilterModule:
+    def filters(self):
+        return {
+            "ai_stack_errors": ai_stack_errors,
+            "ai_stack_compose": ai_stack_compose,
+            "ai_stack_service_ports": ai_stack_service_ports,
+            "ai_stack_health_endpoints": ai_stack_health_endpoints,
+            "ai_stack_compose_health_endpoints": ai_stack_compose_health_endpoints,
+            "ai_stack_runtime_drift": ai_stack_runtime_drift,
+        }

@@ -72,3 +72,41 @@ def assert_check_mode_predicts_no_change(playbook: Path, *args: str) -> None:
     for name, counts in recap.items():
         assert counts["failed"] == 0 and counts["unreachable"] == 0, f"{name}: {counts}"
         assert counts["changed"] == 0, f"check mode predicts changes on {name}:\n{result.stdout[-5000:]}"
+
+
+def run_module(module: str, args: dict, *, host: str = "localhost") -> dict:
+    """Run one module with the project's configuration and return its JSON result."""
+    import json
+
+    # Not the project's ansible.cfg: its timing callbacks would interleave with the JSON.
+    env = dict(os.environ, ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
+               ANSIBLE_STDOUT_CALLBACK="ansible.builtin.json",
+               ANSIBLE_LIBRARY=str(PROJECT_DIR / "library"), ANSIBLE_MODULE_UTILS=str(PROJECT_DIR / "module_utils"))
+    cmd = [str(Path(sys.executable).parent / "ansible"), host, "-i", f"{host},", "-c", "local",
+           "-e", f"ansible_python_interpreter={sys.executable}", "-m", module, "-a", json.dumps(args)]
+    env.pop("ANSIBLE_CONFIG", None)
+    result = subprocess.run(cmd, cwd=PROJECT_DIR / "molecule", env=env, text=True, capture_output=True, check=False)
+    try:
+        plays = json.loads(result.stdout)["plays"]
+    except (ValueError, KeyError):
+        pytest.fail(f"{' '.join(cmd)} gave no JSON (rc={result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    return plays[0]["tasks"][0]["hosts"][host]
+
+
+def containers(host: testinfra.host.Host, project: str) -> dict[str, str]:
+    """{container name: 'id started-at'} of a Compose project on a lab host."""
+    out = host.check_output(
+        "docker ps -a --filter label=com.docker.compose.project=%s --format '{{.Names}}' "
+        "| xargs -r docker inspect --format '{{.Name}} {{.Id}} {{.State.StartedAt}}'", project
+    )
+    return {line.split()[0].lstrip("/"): " ".join(line.split()[1:]) for line in out.splitlines()}
+
+
+def secret_keys() -> list[str]:
+    """The Z85 secret keys of the controller's key pairs (to prove they leak nowhere)."""
+    found = []
+    for path in (PROJECT_DIR / "certificates").glob("*.key_secret"):
+        match = re.search(r'secret-key\s*=\s*"([^"]+)"', path.read_text())
+        if match:
+            found.append(match.group(1))
+    return found

@@ -1,0 +1,113 @@
+"""Both container sets, end to end: CURVE health, cross-machine registration, idempotence, secrets."""
+
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import zmq.auth
+from conftest import PROJECT_DIR, containers, run_module, run_playbook, secret_keys
+
+MAINPC_SERVICES = {"system-digital-twin": 7120, "task-router": 8571, "streaming-interrupt-handler": 5576,
+                   "streaming-tts-agent": 5562, "tts-agent": 5563, "responder": 5637}
+PC2_SERVICES = {"advanced-router": 5780, "translator-agent": 5789, "authentication-agent": 5790,
+                "health-monitor": 5791, "context-monitor": 5792}
+ADDRESSES = {"mainpc": "192.168.100.16", "pc2": "192.168.100.17"}
+
+
+def endpoints(machine, services):
+    # The main ports answer health checks too, and are published on the host's address.
+    return [{"name": n, "url": f"tcp://{ADDRESSES[machine]}:{p}"} for n, p in services.items()]
+
+
+def probe(endpoints, **keys):
+    args = {"endpoints": endpoints, "timeout": 3, "fail_on_unhealthy": False}
+    args.update(keys or {"certificates_dir": str(PROJECT_DIR / "certificates"), "client_key_name": "health-probe",
+                         "server_public_key": None})
+    args = {k: v for k, v in args.items() if v is not None}
+    return run_module("zmq_health", args)
+
+
+def test_every_service_is_healthy_over_curve():
+    result = probe(endpoints("mainpc", MAINPC_SERVICES) + endpoints("pc2", PC2_SERVICES))
+    states = {e["name"]: e["state"] for e in result["endpoints"]}
+    assert states == {name: "healthy" for name in {**MAINPC_SERVICES, **PC2_SERVICES}}
+
+
+@pytest.mark.parametrize(("machine", "services"), [("mainpc", MAINPC_SERVICES), ("pc2", PC2_SERVICES)])
+def test_compose_shows_every_container_healthy(request, machine, services):
+    host = request.getfixturevalue(machine)
+    rows = host.check_output(f"docker compose -p {machine} ps --format '{{{{.Name}}}} {{{{.Health}}}}'").splitlines()
+    assert dict(row.split() for row in rows) == {name: "healthy" for name in services}
+
+
+def test_containers_are_hardened(mainpc):
+    config = json.loads(mainpc.check_output("docker inspect task-router"))[0]["HostConfig"]
+    assert config["Privileged"] is False
+    assert config["CapDrop"] == ["ALL"]
+    assert config["ReadonlyRootfs"] is True
+    assert "no-new-privileges:true" in config["SecurityOpt"]
+    assert config["Memory"] == 8192 * 1024 * 1024
+    assert config["LogConfig"]["Config"]["max-size"] == "10m"
+    user = mainpc.check_output("docker inspect --format '{{.Config.User}}' task-router")
+    assert user == "10001:10001"
+
+
+def test_pc2_reaches_the_registry_by_name_and_registers(mainpc, pc2):
+    reply = pc2.check_output(
+        "docker exec translator-agent python3 /app/agent.py query --host system-digital-twin --port 7120 "
+        "--json '{\"action\": \"health_check\"}'"
+    )
+    assert json.loads(reply)["status"] == "ok"
+    listing = json.loads(mainpc.check_output(
+        "docker exec system-digital-twin python3 /app/agent.py query --host 127.0.0.1 --port 7120 "
+        "--json '{\"action\": \"list_agents\"}'"
+    ))
+    registered = {agent["name"]: agent["location"] for agent in listing["agents"]}
+    for name in PC2_SERVICES:
+        assert registered.get(name) == "PC2"
+
+
+def test_a_client_whose_key_is_not_authorised_gets_auth_failed():
+    with tempfile.TemporaryDirectory() as tmp:
+        public_file, secret_file = zmq.auth.create_certificates(tmp, "intruder")
+        public, secret = zmq.auth.load_certificate(secret_file)
+    server_public, _ = zmq.auth.load_certificate(str(PROJECT_DIR / "certificates" / "server.key"))
+    result = probe(endpoints("mainpc", {"system-digital-twin": 7120}),
+                   server_public_key=server_public.decode(), client_public_key=public.decode(),
+                   client_secret_key=secret.decode())
+    assert [e["state"] for e in result["endpoints"]] == ["auth_failed"]
+    assert result["endpoints"][0]["reply"] is None
+
+
+def test_secret_key_files_are_0600_on_the_hosts(host):
+    certificates = host.file("/etc/ai-system/certificates")
+    assert certificates.mode == 0o700 and certificates.uid == 10001
+    for name in ("server.key_secret", "client.key_secret"):
+        secret = host.file(f"/etc/ai-system/certificates/{name}")
+        assert secret.mode == 0o600 and secret.uid == 10001
+    probe_secret = host.file("/etc/ai-system/health-probe/client.key_secret")
+    assert probe_secret.mode == 0o600 and probe_secret.user == "root"
+
+
+def test_no_secret_key_file_is_tracked_by_git():
+    tracked = subprocess.run(["git", "ls-files"], cwd=PROJECT_DIR, capture_output=True, text=True, check=True).stdout
+    assert not [f for f in tracked.splitlines() if f.endswith("key_secret")]
+    ignored = subprocess.run(["git", "check-ignore", "certificates/server.key_secret"], cwd=PROJECT_DIR,
+                             capture_output=True, text=True, check=False)
+    assert ignored.returncode == 0
+
+
+def test_second_run_changes_nothing_restarts_nothing_and_prints_no_secret(mainpc, pc2):
+    before = {"mainpc": containers(mainpc, "mainpc"), "pc2": containers(pc2, "pc2")}
+    assert len(before["mainpc"]) == len(MAINPC_SERVICES) and len(before["pc2"]) == len(PC2_SERVICES)
+    result = run_playbook(PROJECT_DIR / "site.yml", "--diff")
+    assert " changed=0 " in result.stdout.split("PLAY RECAP")[-1]
+    assert "changed=1" not in result.stdout.split("PLAY RECAP")[-1]
+    after = {"mainpc": containers(mainpc, "mainpc"), "pc2": containers(pc2, "pc2")}
+    assert after == before
+    keys = secret_keys()
+    assert len(keys) == 3
+    for key in keys:
+        assert key not in result.stdout and key not in result.stderr

@@ -13,8 +13,8 @@ export ANSIBLE_FORCE_COLOR ?= 0
 export PY_COLORS ?= 0
 
 # Molecule scenarios in the order `make test` runs them: role scenarios first, then
-# the whole deployment end to end.
-SCENARIOS ?= $(shell ls molecule | grep -v '^default$$') default
+# the whole deployment end to end, then day-2 operations on it.
+SCENARIOS ?= docker_engine nvidia_container_toolkit curve_certificates swarm_network default day2
 PLAYBOOKS := site.yml $(wildcard playbooks/*.yml)
 INVENTORIES := inventory/production inventory/lab
 
@@ -61,7 +61,7 @@ molecule: venv engine  ## Run the molecule scenarios on the lab
 	@for s in $(SCENARIOS); do echo "== molecule test -s $$s"; molecule test -s $$s; done
 
 bench: venv engine  ## Benchmarks (module fan-out, lab deploy times)
-	scripts/bench
+	$(BIN)/python scripts/bench
 
 clean: lab-down  ## Remove the lab and local caches (not the venv)
 	rm -rf .cache

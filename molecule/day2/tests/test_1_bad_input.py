@@ -1,0 +1,61 @@
+"""Bad inventory input fails before any host changes, with a message naming the variable."""
+
+import json
+
+import pytest
+from conftest import PROJECT_DIR, play_recap, run_playbook
+
+SDT = {"name": "system-digital-twin", "port": 7120}
+
+
+def services(*extra, base=(SDT,)):
+    return {"ai_stack_services": [*base, *extra]}
+
+
+CASES = {
+    "services not a list": ({"ai_stack_services": "system-digital-twin"}, "ai_stack_services"),
+    "unknown machine type": ({"ai_machine_type": "LAPTOP"}, "ai_machine_type"),
+    "port out of range": (services({"name": "a", "port": 70000}), "ai_stack_services[1] (a).port"),
+    "port not a number": (services({"name": "a", "port": "fast"}), "ai_stack_services[1] (a).port"),
+    "port used twice": (services({"name": "a", "port": 7120}), "port 7120 is already used by system-digital-twin.port"),
+    "health port beyond 65535": (services({"name": "a", "port": 65000}), "(a).health_port"),
+    "duplicate service": (services(SDT), "duplicate service name 'system-digital-twin'"),
+    "missing dependency": (services({"name": "a", "port": 5000, "depends_on": ["b"]}), "(a).depends_on: no service named 'b'"),
+    "dependency cycle": (services({"name": "a", "port": 5000, "depends_on": ["b"]},
+                                  {"name": "b", "port": 5001, "depends_on": ["a"]}), "dependency cycle"),
+    "unknown service key": (services({"name": "a", "port": 5000, "prot": 1}), "(a): unknown keys ['prot']"),
+    "memory not a number": (services({"name": "a", "port": 5000, "memory_limit_mb": "lots"}), "(a).memory_limit_mb"),
+    "bad JMESPath": (services({"name": "a", "port": 5000, "health_expect": "status =="}), "(a).health_expect: invalid JMESPath"),
+    "missing image": ({"ai_stack_image": ""}, ".image: no image"),
+    "unknown package source": ({"docker_package_source": "snap"}, "docker_package_source"),
+    "encrypted not a bool": ({"swarm_network_encrypted": "maybe"}, "swarm_network_encrypted"),
+    "unknown image source": ({"ai_stack_image_source": "ftp"}, "ai_stack_image_source"),
+    "gpu_required not a bool": ({"nvidia_gpu_required": "sometimes"}, "nvidia_gpu_required"),
+    "wait timeout not a number": ({"ai_stack_health_wait_timeout": "soon"}, "ai_stack_health_wait_timeout"),
+}
+
+
+@pytest.fixture(scope="module")
+def compose_files(mainpc, pc2):
+    return lambda: (mainpc.file("/opt/ai-system/mainpc/compose.yaml").sha256sum,
+                    pc2.file("/opt/ai-system/pc2/compose.yaml").sha256sum)
+
+
+@pytest.mark.parametrize("extra_vars,expected", CASES.values(), ids=CASES.keys())
+def test_bad_input_fails_before_any_change(extra_vars, expected, compose_files):
+    before = compose_files()
+    result = run_playbook(PROJECT_DIR / "site.yml", "-e", json.dumps(extra_vars), check=False)
+    assert result.returncode != 0
+    assert expected in result.stdout, result.stdout[-3000:]
+    recap = play_recap(result.stdout)
+    assert recap and all(counts["changed"] == 0 for counts in recap.values()), recap
+    assert compose_files() == before
+
+
+def test_gpu_service_on_a_host_without_gpu():
+    catalogue = [{"name": "advanced-router", "port": 5780, "gpu": True}]
+    result = run_playbook(PROJECT_DIR / "site.yml", "--limit", "pc2", "-e", json.dumps({"ai_stack_services": catalogue}),
+                          check=False)
+    assert result.returncode != 0
+    assert "(advanced-router).gpu: GPU service on a host outside the gpu_hosts group" in result.stdout
+    assert all(counts["changed"] == 0 for counts in play_recap(result.stdout).values())

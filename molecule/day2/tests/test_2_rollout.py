@@ -1,0 +1,55 @@
+"""--limit pc2 rollouts: MainPC untouched; an unhealthy tag is rolled back."""
+
+import re
+
+import pytest
+from conftest import PROJECT_DIR, containers, play_recap, run_module, run_playbook
+
+PC2_SERVICES = {"advanced-router": 5780, "translator-agent": 5789, "authentication-agent": 5790,
+                "health-monitor": 5791, "context-monitor": 5792}
+SITE = PROJECT_DIR / "site.yml"
+
+
+def pc2_health(wait=0):
+    result = run_module("zmq_health", {
+        "endpoints": [{"name": n, "url": f"tcp://192.168.100.17:{p}"} for n, p in PC2_SERVICES.items()],
+        "certificates_dir": str(PROJECT_DIR / "certificates"), "client_key_name": "health-probe",
+        "timeout": 3, "wait_timeout": wait, "fail_on_unhealthy": False})
+    return {e["name"]: e["state"] for e in result["endpoints"]}
+
+
+def images(host):
+    return set(host.check_output("docker ps --filter label=com.docker.compose.project=pc2 "
+                                 "--format '{{.Image}}'").split())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def back_to_the_lab_tag():
+    yield
+    run_playbook(SITE, "--limit", "pc2")
+
+
+def test_limit_pc2_rollout_changes_pc2_only(mainpc, pc2):
+    mainpc_before, pc2_before = containers(mainpc, "mainpc"), containers(pc2, "pc2")
+    result = run_playbook(SITE, "--limit", "pc2", "-e", "ai_stack_image_tag=lab-next")
+    assert set(play_recap(result.stdout)) == {"ai-lab-pc2"}
+    # Tasks delegated to MainPC only read (swarm tokens, registry health).
+    assert not re.search(r"changed: \[ai-lab-pc2 -> ai-lab-mainpc\]", result.stdout)
+    assert containers(mainpc, "mainpc") == mainpc_before
+    assert images(pc2) == {"ai-system/agent:lab-next"}
+    assert set(containers(pc2, "pc2").values()).isdisjoint(pc2_before.values())
+    assert pc2_health() == {name: "healthy" for name in PC2_SERVICES}
+
+
+def test_a_tag_that_never_gets_healthy_is_rolled_back(mainpc, pc2):
+    mainpc_before = containers(mainpc, "mainpc")
+    result = run_playbook(SITE, "--limit", "pc2", "-e", "ai_stack_image_tag=lab-broken",
+                          "-e", "ai_stack_health_wait_timeout=20", check=False)
+    assert result.returncode != 0
+    assert "pc2 on ai-lab-pc2 failed its deploy" in result.stdout
+    assert "advanced-router: bad_reply" in result.stdout
+    assert "Rolled back to the last good deployment: 5 of 5 services healthy again" in result.stdout
+    assert images(pc2) == {"ai-system/agent:lab-next"}
+    assert pc2_health() == {name: "healthy" for name in PC2_SERVICES}
+    assert "ai-system/agent:lab-next" in pc2.file("/opt/ai-system/pc2/last-good/compose.yaml").content_string
+    assert containers(mainpc, "mainpc") == mainpc_before

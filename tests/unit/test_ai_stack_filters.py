@@ -109,3 +109,19 @@ def test_health_endpoints_from_the_catalogue_and_from_a_compose_file():
     compose = filters.ai_stack_compose(services, SETTINGS)
     assert filters.ai_stack_compose_health_endpoints(compose) == [
         {"name": "a", "url": "tcp://127.0.0.1:8120"}, {"name": "b", "url": "tcp://127.0.0.1:5001"}]
+
+
+def test_unhealthy_summary():
+    health = {"endpoints": [{"name": "a", "state": "healthy", "healthy": True},
+                            {"name": "b", "state": "auth_failed", "healthy": False}]}
+    assert filters.ai_stack_unhealthy(health) == ["b: auth_failed"]
+
+
+def test_health_table():
+    rows = filters.ai_stack_health_table({"mainpc": {"endpoints": [
+        {"name": "task-router", "state": "healthy", "latency_ms": 1.234},
+        {"name": "responder", "state": "refused", "latency_ms": None}]}, "pc2": None})
+    assert rows[0].split() == ["HOST", "SERVICE", "STATE", "LATENCY"]
+    assert rows[1].split() == ["mainpc", "task-router", "healthy", "1.2", "ms"]
+    assert rows[2].split() == ["mainpc", "responder", "refused", "-"]
+    assert len(rows) == 3

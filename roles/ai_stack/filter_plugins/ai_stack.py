@@ -185,7 +185,7 @@ def ai_stack_compose(services: list[dict], settings: dict) -> dict:
             "ports": ports,
             "volumes": [
                 f"{settings['certificates_dir']}:/app/certificates:ro",
-                f"{settings['logs_dir']}/{name}:/app/logs",
+                f"{settings['logs_dir']}:/app/logs",
             ],
             "networks": networks,
             "healthcheck": service.get("healthcheck", settings["healthcheck"]),
@@ -266,6 +266,22 @@ def ai_stack_runtime_drift(containers: list[dict], compose: dict) -> list[str]:
     return findings
 
 
+def ai_stack_unhealthy(health: dict) -> list[str]:
+    """'name: state' of every unhealthy endpoint of a zmq_health result."""
+    return [f"{e['name']}: {e['state']}" for e in health.get("endpoints", []) if not e.get("healthy")]
+
+
+def ai_stack_health_table(results_by_host: dict) -> list[str]:
+    """A table of every service on every host with its zmq_health state and latency."""
+    rows = [f"{'HOST':<16} {'SERVICE':<30} {'STATE':<12} LATENCY"]
+    for host, health in results_by_host.items():
+        for endpoint in (health or {}).get("endpoints", []):
+            latency = endpoint.get("latency_ms")
+            shown = f"{latency:.1f} ms" if isinstance(latency, (int, float)) else "-"
+            rows.append(f"{host:<16} {endpoint['name']:<30} {endpoint['state']:<12} {shown}")
+    return rows
+
+
 class FilterModule:
     def filters(self):
         return {
@@ -275,4 +291,6 @@ class FilterModule:
             "ai_stack_health_endpoints": ai_stack_health_endpoints,
             "ai_stack_compose_health_endpoints": ai_stack_compose_health_endpoints,
             "ai_stack_runtime_drift": ai_stack_runtime_drift,
+            "ai_stack_unhealthy": ai_stack_unhealthy,
+            "ai_stack_health_table": ai_stack_health_table,
         }

@@ -37,7 +37,7 @@ def test_preflight_without_driver(mainpc, scenario_dir):
         assert required.returncode != 0
         assert "nvidia-smi does not answer" in required.stdout
         assert "nvidia_gpu_required: false" in required.stdout
-        optional = run_playbook(scenario_dir / "converge.yml", "-e", "nvidia_gpu_required=false")
+        optional = run_playbook(scenario_dir / "converge.yml", "-e", '{"nvidia_gpu_required": false}')
         assert "WARNING: no NVIDIA driver on ai-lab-mainpc" in optional.stdout
     finally:
         mainpc.check_output("mv /usr/local/bin/nvidia-smi.away /usr/local/bin/nvidia-smi")

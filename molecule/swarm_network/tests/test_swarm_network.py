@@ -29,7 +29,7 @@ def test_compose_on_the_worker_can_use_the_overlay(pc2):
     )
     try:
         pc2.check_output("docker compose -f /tmp/overlay-compose/compose.yaml up -d")
-        out = pc2.check_output("docker compose -f /tmp/overlay-compose/compose.yaml exec probe "
+        out = pc2.check_output("docker compose -f /tmp/overlay-compose/compose.yaml exec probe /bin/busybox "
                                "ping -c 1 -W 3 ai-network-anchor-ai-lab-mainpc")
         assert "1 packets received" in out
     finally:

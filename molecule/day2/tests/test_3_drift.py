@@ -56,7 +56,7 @@ def test_drift_is_reported_and_nothing_is_changed(mainpc, pc2, tmp_path):
     assert after == before  # the check changed nothing: containers, files, modes, swarm
     report = report_text(tmp_path)
     for finding in ("health-monitor: container exited", "responder: container missing",
-                    "/etc/docker/daemon.json", "client.key_secret", "ai-lab-mainpc", "ai-lab-pc2"):
+                    "/etc/docker/daemon.json", "Distribute the secret keys", "ai-lab-mainpc", "ai-lab-pc2"):
         assert finding in report, finding
     for key in secret_keys():
         assert key not in report and key not in result.stdout

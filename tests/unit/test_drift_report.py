@@ -300,6 +300,64 @@ FAILING_PLAYBOOK = '''\
         msg: the check itself is broken
 '''
 
+# Shaped like site.yml: plays on all hosts and on a subgroup, with any_errors_fatal. `ghost` is
+# unreachable (ssh to a closed port of 127.0.0.1); --limit 'all:!ghost' leaves the reachable hosts.
+COVERAGE_PLAYBOOK = '''\
+- name: Local checks
+  hosts: local
+  gather_facts: false
+  tasks:
+    - name: "Drift: local state"
+      ansible.builtin.debug:
+        var: drift_findings
+      vars:
+        drift_findings: "{{ ['alpha differs'] if inventory_hostname == 'alpha' else [] }}"
+
+- name: Engine on every host
+  hosts: lab
+  gather_facts: false
+  any_errors_fatal: true
+  tasks:
+    - name: Reach the host
+      ansible.builtin.ping:
+    - name: Read the engine
+      ansible.builtin.debug:
+        msg: engine read
+
+- name: GPU hosts
+  hosts: gpu
+  gather_facts: false
+  any_errors_fatal: true
+  tasks:
+    - name: Read the GPU runtime
+      ansible.builtin.debug:
+        msg: runtime read
+
+- name: Summary
+  hosts: lab
+  gather_facts: false
+  tasks:
+    - name: Show the summary
+      ansible.builtin.debug:
+        msg: summary
+'''
+
+COVERAGE_INVENTORY = '''\
+[local]
+alpha ansible_connection=local ansible_python_interpreter={python}
+beta ansible_connection=local ansible_python_interpreter={python}
+
+[remote]
+ghost ansible_host=127.0.0.1 ansible_port=1 ansible_connection=ssh ansible_user=nobody ansible_ssh_common_args="-o ConnectTimeout=3 -o BatchMode=yes"
+
+[lab:children]
+local
+remote
+
+[gpu]
+beta
+'''
+
 
 class Project:
     """A playbook, its source files and a converged target directory under a tmp dir."""
@@ -317,8 +375,10 @@ class Project:
         local = f'localhost ansible_connection=local ansible_python_interpreter={sys.executable}\n'
         (root / 'hosts.ini').write_text('[lab]\n' + local)
         (root / 'unreachable.ini').write_text(
-            '[lab]\n' + local + 'ghost ansible_host=127.0.0.2 ansible_port=1 ansible_connection=ssh '
+            '[lab]\n' + local + 'ghost ansible_host=127.0.0.1 ansible_port=1 ansible_connection=ssh '
             'ansible_user=nobody ansible_ssh_common_args="-o ConnectTimeout=3 -o BatchMode=yes"\n')
+        (root / 'coverage.yml').write_text(COVERAGE_PLAYBOOK)
+        (root / 'coverage.ini').write_text(COVERAGE_INVENTORY.format(python=sys.executable))
         self.env = {k: v for k, v in os.environ.items() if k != 'DRIFT_REPORT_DIR'}
         self.env['ANSIBLE_LOCAL_TEMP'] = str(root / '.ansible-tmp')
 
@@ -454,3 +514,68 @@ def test_failed_task_without_marker_is_an_error(project):
     assert 'the check itself is broken' in markdown
     # --keep 1: only this run's directory is left.
     assert sorted(p.name for p in project.reports.iterdir()) == sorted([run_dir.name, 'latest'])
+
+
+def host_section(markdown: str, host: str) -> str:
+    """The Markdown report's section of HOST (from its heading to the next host's)."""
+    return markdown.split(f'\n## {host}\n', 1)[1].split('\n## ', 1)[0]
+
+
+def test_hosts_cut_off_by_an_unreachable_host_are_not_called_clean(project):
+    """Issue 10, item 4: one host unreachable, any_errors_fatal stops the others' later plays."""
+    if shutil.which('ssh') is None:
+        pytest.skip('needs the ssh client')
+    result = project.check(inventory='coverage.ini', playbook='coverage.yml')
+    assert result.returncode == 1, result.stdout + result.stderr
+    _run_dir, report, markdown = project.latest()
+
+    # The report must not call the hosts whose later plays never ran clean.
+    for host in ('alpha', 'beta', 'ghost'):
+        assert 'No drift.' not in host_section(markdown, host), host
+
+    hosts = report['hosts']
+    assert {h: hosts[h]['status'] for h in hosts} == {
+        'alpha': 'partially checked', 'beta': 'partially checked', 'ghost': 'not checked'}
+    assert hosts['alpha']['plays_checked'] == ['Local checks']
+    assert [(p['play'], p['status']) for p in hosts['alpha']['plays']] == [
+        ('Local checks', 'checked'), ('Engine on every host', 'stopped'), ('Summary', 'not run')]
+    assert [(p['play'], p['status']) for p in hosts['beta']['plays']] == [
+        ('Local checks', 'checked'), ('Engine on every host', 'stopped'), ('GPU hosts', 'not run'),
+        ('Summary', 'not run')]
+    assert [(p['play'], p['status']) for p in hosts['ghost']['plays']] == [
+        ('Engine on every host', 'unreachable'), ('Summary', 'not run')]
+    assert 'any_errors_fatal' in hosts['alpha']['plays'][1]['reason']
+    assert hosts['ghost']['plays_checked'] == []
+    assert report['summary']['status'] == 'error'
+    assert report['summary']['not_fully_checked'] == 3
+    # What was checked is still reported.
+    assert [(d['host'], d['task']) for d in report['drift']] == [('alpha', 'Drift: local state')]
+
+    alpha = host_section(markdown, 'alpha')
+    assert 'Partially checked' in alpha and '1 of 3 plays' in alpha
+    assert 'Engine on every host (stopped:' in alpha and 'Summary (not run:' in alpha
+    assert 'Not checked' in host_section(markdown, 'ghost')
+    assert '| alpha | partially checked |' in markdown
+
+    out = result.stdout
+    assert 'alpha: partially checked (plays checked: "Local checks"), 1 drift' in out, out
+    assert 'ghost: not checked, 0 drift, 1 error(s) (unreachable)' in out, out
+    assert '3 host(s) not fully checked' in out, out
+    assert '0 host(s) fully checked' in out, out
+
+
+def test_every_play_that_targets_a_host_ran_to_its_end(project):
+    """The same run without the unreachable host: each host checked, by the plays that target it."""
+    result = project.check('--limit', 'all:!ghost', inventory='coverage.ini', playbook='coverage.yml')
+    assert result.returncode == 2, result.stdout + result.stderr
+    _run_dir, report, markdown = project.latest()
+    hosts = report['hosts']
+    assert sorted(hosts) == ['alpha', 'beta']  # --limit: ghost is not in the report at all
+    assert {h: hosts[h]['status'] for h in hosts} == {'alpha': 'checked', 'beta': 'checked'}
+    assert hosts['alpha']['plays_checked'] == ['Local checks', 'Engine on every host', 'Summary']
+    assert hosts['beta']['plays_checked'] == ['Local checks', 'Engine on every host', 'GPU hosts', 'Summary']
+    assert report['summary']['not_fully_checked'] == 0
+    assert 'No drift.' in host_section(markdown, 'beta')
+    assert 'Checked: all 3 plays' in host_section(markdown, 'alpha')
+    assert 'ghost' not in markdown and 'ghost' not in result.stdout
+    assert '2 host(s) fully checked' in result.stdout

@@ -20,9 +20,20 @@ description:
     fixed without generating new keys.
   - A corrupt or half-present pair (one file missing, a file that cannot be parsed, or a public key in
     C(NAME.key) that differs from the one in C(NAME.key_secret)) is an error unless O(force=true).
+  - Both files must be regular files. A symlink in place of C(NAME.key_secret) or C(NAME.key) is refused
+    as an invalid pair, because the mode and owner the module manages would be those of the link, not
+    of the file that holds the secret. O(force=true) replaces the link with a new pair of regular files
+    and leaves the link's target alone. O(dir) itself may be a symlink to a directory.
   - New pairs are written atomically. They are created in a private temporary directory inside O(dir)
-    with umask 077, get their final mode, owner and group there, and are then moved into place with a
-    rename. The secret file is never readable by other users, not even briefly.
+    with umask 077, get their final mode, owner and group there, are flushed to disk, and are then
+    moved into place with a rename. The secret file is never readable by other users, not even briefly.
+  - Runs on the same O(dir) take turns. From its first look at the pair to its last write, a run
+    holds an C(fcntl.flock) on the empty file C(.zmq_curve_keypair.lock) in O(dir) (exclusive; shared
+    in check mode). Concurrent runs therefore never leave or see a public key that does not match its
+    secret. When the pair is missing, the first run makes it and the others find it and report
+    C(changed=false). The lock file is created with mode C(0600) by the first run that is not in check
+    mode, and it is never removed. It is hidden and does not end in C(.key), so a C(ThreadAuthenticator)
+    ignores it. A run waits up to 60 seconds for the lock, then fails.
   - If O(dir) does not exist it is created with mode C(0700) (and O(owner)/O(group) when given),
     and the task reports C(changed).
   - The secret key never appears in results, diffs or error messages.
@@ -54,8 +65,8 @@ options:
     default: present
   force:
     description:
-      - Generate a new key pair even if a valid one exists (key rotation), or replace a corrupt or
-        half-present pair.
+      - Generate a new key pair even if a valid one exists (key rotation), or replace a corrupt,
+        half-present or symlinked pair.
       - With O(force=true) the task always reports C(changed) for O(state=present).
     type: bool
     default: false
@@ -80,11 +91,17 @@ options:
 attributes:
   check_mode:
     support: full
-    description: Predicts the change without writing, creating or removing anything.
+    description: >-
+      Predicts the change without writing, creating or removing anything, not even the lock file.
+      It reads the pair under a shared lock, so it never mistakes a half-written pair for a broken one.
   diff_mode:
     support: full
     description: Shows the presence of both files and the public key. The secret key is never shown.
 notes:
+  - The lock works between processes on one machine and for local file systems. Other programs that
+    read the pair while the module rotates it (the agents, for example) do not take the lock. They
+    may briefly see the new secret file next to the old public file, so restart them after a
+    rotation, as the next note says.
   - Rotating the server pair (O(force=true)) requires restarting the servers and giving clients the
     new C(server.key); rotating a client pair changes the C(NAME.key) that servers' authenticators load.
 seealso:
@@ -145,11 +162,15 @@ generated:
   returned: always
   type: bool
 dir_created:
-  description: Whether O(dir) was (or would be) created.
+  description:
+    - Whether O(dir) was (or, in check mode, would be) created by this run.
+    - V(false) when a concurrent run created it first.
   returned: always
   type: bool
 '''
 
+import contextlib
+import errno
 import os
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
@@ -160,6 +181,8 @@ from ansible.module_utils.zmq_curve import (
     create_keypair,
     has_curve,
     inspect_keypair,
+    keypair_lock,
+    keypair_lock_path,
     keypair_paths,
 )
 
@@ -177,14 +200,43 @@ def _diff_state(public_exists, secret_exists, public_key):
     )
 
 
+def _make_dir(module, directory, owner, group, result):
+    """Create DIRECTORY with mode 0700; True if this run made it, False if a concurrent run was first."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
+        old_umask = os.umask(0o077)  # 0700 from the start, not after a chmod
+        try:
+            os.mkdir(directory, 0o700)
+        finally:
+            os.umask(old_umask)
+    except OSError as e:
+        if e.errno == errno.EEXIST and os.path.isdir(directory):
+            return False
+        module.fail_json(msg='cannot create dir %s: %s' % (directory, e.strerror), **result)
+    if owner or group:
+        module.set_fs_attributes_if_different(_file_args(module, directory, None, owner, group), True)
+    return True
+
+
+@contextlib.contextmanager
+def _locked_pair(module, directory, name):
+    """Inspect the pair under the lock: exclusive to change it, shared in check mode (never created)."""
+    writer = not module.check_mode
+    with keypair_lock(directory, exclusive=writer, create=writer) as locked:
+        info = inspect_keypair(directory, name)
+        if info['status'] == 'invalid' and not locked and os.path.lexists(keypair_lock_path(directory)):
+            # A writer made the lock file after we looked and may be half-way: wait for it, look again.
+            with keypair_lock(directory, exclusive=False, create=False):
+                info = inspect_keypair(directory, name)
+        yield info
+
+
 def run_module(module):
     p = module.params
     directory = p['dir']
     name = p['name']
     state = p['state']
-    force = p['force']
     owner, group = p['owner'], p['group']
-    secret_mode, public_mode = p['mode'], p['public_mode']
 
     if not name or '/' in name or name in ('.', '..') or '\0' in name:
         module.fail_json(msg="name must be a non-empty file name without '/' (got %r)" % name)
@@ -197,10 +249,35 @@ def run_module(module):
         module.fail_json(msg='dir %s exists and is not a directory' % directory, **result)
 
     dir_exists = os.path.isdir(directory)
-    if dir_exists:
-        info = inspect_keypair(directory, name)
-    else:
-        info = dict(status='absent', public_key=None, public_exists=False, secret_exists=False, message=None)
+    if not dir_exists and state == 'present':
+        if module.check_mode:
+            result['dir_created'] = True
+        else:
+            # Another run may create it at the same time; only the run that made it reports it.
+            result['dir_created'] = _make_dir(module, directory, owner, group, result)
+            dir_exists = True
+        result['changed'] = result['dir_created']
+
+    try:
+        if dir_exists:
+            # Everything from the first look to the last write happens under the lock, so
+            # concurrent runs take turns: the first makes the pair, the others find it.
+            with _locked_pair(module, directory, name) as info:
+                _apply(module, result, info)
+        else:
+            _apply(module, result, dict(status='absent', public_key=None, public_exists=False,
+                                        secret_exists=False, message=None))
+    except CurveKeyError as e:
+        module.fail_json(msg=str(e), **result)
+
+
+def _apply(module, result, info):
+    """Bring the pair described by INFO to the wanted state and exit (called under the lock)."""
+    p = module.params
+    directory, name, state, force = p['dir'], p['name'], p['state'], p['force']
+    owner, group = p['owner'], p['group']
+    secret_mode, public_mode = p['mode'], p['public_mode']
+    public_file, secret_file = result['public_key_file'], result['secret_key_file']
 
     before = _diff_state(info['public_exists'], info['secret_exists'], info['public_key'])
 
@@ -211,7 +288,7 @@ def run_module(module):
         if existing:
             result['changed'] = True
             if not module.check_mode:
-                for path in existing:
+                for path in existing:  # a symlink is removed, never the file it points to
                     try:
                         os.unlink(path)
                     except OSError as e:
@@ -226,19 +303,6 @@ def run_module(module):
                              % (name, directory, info['message']), **result)
 
     generate = force or info['status'] != 'valid'
-
-    if not dir_exists:
-        result['dir_created'] = True
-        result['changed'] = True
-        if not module.check_mode:
-            try:
-                os.makedirs(directory, 0o700)
-                os.chmod(directory, 0o700)
-            except OSError as e:
-                module.fail_json(msg='cannot create dir %s: %s' % (directory, e.strerror), **result)
-            if owner or group:
-                module.set_fs_attributes_if_different(
-                    _file_args(module, directory, None, owner, group), True)
 
     if generate:
         result['generated'] = True
@@ -260,6 +324,8 @@ def run_module(module):
                      public_key=result['public_key'] or '(new key, generated when applied)')
     else:
         result['public_key'] = info['public_key']
+        # Both files are regular files here (inspect_keypair refuses symlinks), so the modes and
+        # owners set below are those of the key files themselves.
         # set_fs_attributes_if_different only predicts in check mode.
         for path, mode in ((secret_file, secret_mode), (public_file, public_mode)):
             result['changed'] = module.set_fs_attributes_if_different(

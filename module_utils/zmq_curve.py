@@ -14,17 +14,25 @@ Security rules followed by everything in this file:
   in an exception message, or in a ``repr``;
 * secret key files are created inside a private (0700) temporary directory
   in the target directory with umask 077, get their final attributes there
-  and are then moved into place with ``os.replace`` (atomic, same file system).
+  and are then moved into place with ``os.replace`` (atomic, same file system);
+* the pair is only inspected, written or removed under ``keypair_lock`` (an
+  ``fcntl.flock`` on ``.zmq_curve_keypair.lock`` in the directory), so
+  concurrent runs never leave or see a public key that does not match its
+  secret.
 """
 
 from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import contextlib
+import errno
+import fcntl
 import os
 import re
 import shutil
 import tempfile
+import time
 import traceback
 
 try:
@@ -120,6 +128,91 @@ def keypair_paths(directory, name):
     return base + PUBLIC_SUFFIX, base + SECRET_SUFFIX
 
 
+#: Lock file of a key directory. A dotfile that does not end in ``.key``, so neither
+#: ``zmq.auth.load_certificates`` nor a ``*.key``/``*.key_secret`` pattern picks it up.
+LOCK_FILE_NAME = '.zmq_curve_keypair.lock'
+
+#: Seconds ``keypair_lock`` waits for another run before it gives up.
+LOCK_TIMEOUT = 60.0
+
+
+def keypair_lock_path(directory):
+    """Path of the lock file that serialises key pair changes in DIRECTORY."""
+    return os.path.join(directory, LOCK_FILE_NAME)
+
+
+@contextlib.contextmanager
+def keypair_lock(directory, exclusive=True, create=True, timeout=LOCK_TIMEOUT):
+    """Hold ``fcntl.flock`` on DIRECTORY's lock file; yields True, or False if there is none.
+
+    Writers take it exclusively (``create=True`` makes the empty 0600 lock file); readers
+    take it shared without creating anything (``create=False``), and get False when no
+    writer has ever made the lock file. Every pair in DIRECTORY shares the lock. The lock
+    file is never removed (removing it would let two runs lock different files). It is
+    released when the block ends, also on ``sys.exit`` and when the process dies.
+    Raises CurveKeyError if the lock is not free within TIMEOUT seconds.
+    """
+    path = keypair_lock_path(directory)
+    flags = getattr(os, 'O_CLOEXEC', 0) | getattr(os, 'O_NOFOLLOW', 0)
+    fd = None
+    try:
+        try:
+            if create:
+                old_umask = os.umask(0o077)
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o600)
+                except OSError as e:
+                    if e.errno != errno.EACCES:
+                        raise
+                    fd = os.open(path, os.O_RDONLY | flags)  # someone else's lock file
+                finally:
+                    os.umask(old_umask)
+            else:
+                try:
+                    fd = os.open(path, os.O_RDONLY | flags)
+                except OSError as e:
+                    if e.errno != errno.ENOENT:
+                        raise
+        except OSError as e:
+            raise CurveKeyError('cannot open the lock file %s: %s' % (path, e.strerror))
+        if fd is None:
+            yield False
+            return
+        operation = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        # Poll (non-blocking flock) so that a stuck holder cannot hang the run forever; the
+        # holders' work takes milliseconds, so start polling fast and back off to 50 ms.
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while True:
+            try:
+                fcntl.flock(fd, operation | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise CurveKeyError('cannot lock %s: %s' % (path, e.strerror))
+            if time.monotonic() >= deadline:
+                raise CurveKeyError('another run has held the lock %s for more than %d s'
+                                    % (path, timeout))
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        yield True
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _fsync_path(path, directory=False):
+    """fsync a file or a directory (best effort for directories, e.g. on some network file systems)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, 'O_CLOEXEC', 0))  # fsync needs no write access
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
 def _load_certificate(path):
     """zmq.auth.load_certificate with errors that name the file but never its contents."""
     try:
@@ -175,6 +268,11 @@ def inspect_keypair(directory, name):
         info.update(status='invalid', message='half-present key pair: %s is missing' % missing)
         return info
     for path in (public_file, secret_file):
+        if os.path.islink(path):
+            # Modes and owners would be managed on the link, not on the file it points to.
+            info.update(status='invalid', message='%s is a symlink (to %s), not a regular file'
+                                                  % (path, os.readlink(path)))
+            return info
         if not os.path.isfile(path):
             info.update(status='invalid', message='%s is not a regular file' % path)
             return info
@@ -200,8 +298,13 @@ def create_keypair(directory, name, prepare=None):
     The pair is written by ``zmq.auth.create_certificates`` into a private
     temporary directory inside DIRECTORY (umask 077, so the secret file is
     0600 from its creation). ``prepare(tmp_public_file, tmp_secret_file)``
-    may then set final modes/owners; afterwards both files are moved into
-    place with ``os.replace`` (secret first), replacing any existing pair.
+    may then set final modes/owners; both files are fsynced and then moved
+    into place with ``os.replace`` (secret first), replacing any existing pair
+    (a symlink is replaced by the new file; its target is left alone), and the
+    directory is fsynced.
+
+    Two renames are not one atomic step: call this under ``keypair_lock``
+    (exclusive) so that no other run writes or inspects the pair meanwhile.
     """
     public_file, secret_file = keypair_paths(directory, name)
     old_umask = os.umask(0o077)
@@ -217,8 +320,11 @@ def create_keypair(directory, name, prepare=None):
             raise CurveKeyError('generated key pair is inconsistent')
         if prepare is not None:
             prepare(tmp_public, tmp_secret)
+        _fsync_path(tmp_secret)
+        _fsync_path(tmp_public)
         os.replace(tmp_secret, secret_file)
         os.replace(tmp_public, public_file)
+        _fsync_path(directory, directory=True)
         return _to_text(public_key)
     finally:
         os.umask(old_umask)

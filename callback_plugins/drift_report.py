@@ -41,6 +41,14 @@ description:
     whose name starts with C(Drift:) or that is tagged C(drift)."
   - "Errors are: unreachable hosts, and failed results that carry no drift marker (see above) and
     are not ignored (C(ignore_errors)). Ignored failures are recorded but are neither drift nor errors."
+  - "Coverage: every host that a play of the run targets (within C(--limit)) gets a status: V(checked)
+    (every play that targets it ran to its end on it), V(partially checked) (some did; the report lists
+    them) or V(not checked) (none did). A play did not run to its end on a host that failed or was
+    unreachable in it, that another host's failure stopped (C(any_errors_fatal), C(max_fail_percentage),
+    a failed C(run_once) task), or that it never reached (the run stopped earlier, or the host had
+    failed in an earlier play). A host that a C(meta: end_host) (or C(end_play), C(end_batch)) ended
+    counts as checked by that play: the playbook itself ended it. Any host not fully checked makes
+    the summary status V(error)."
   - "Secrets never reach the report: results of C(no_log) tasks are written as '(hidden: no_log)';
     every string is redacted first: PEM private key blocks, CurveZMQ C(secret-key = \"...\") lines,
     values of keys named like secret, password, passwd, passphrase, token, private or credential
@@ -86,6 +94,10 @@ seealso:
 REDACTED = '<redacted>'
 HIDDEN = '(hidden: no_log)'
 STATUSES = ('ok', 'changed', 'failed', 'unreachable', 'skipped')
+# Coverage of a host: all the plays that target it ran to their end on it, some did, none did.
+CHECKED, PARTIALLY_CHECKED, NOT_CHECKED = 'checked', 'partially checked', 'not checked'
+# Meta tasks that end a play for hosts on purpose: such a host was checked as far as the play goes.
+END_METAS = ('end_host', 'end_play', 'end_batch')
 JSON_TEXT_LIMIT = 100_000  # characters per string in drift-report.json
 MD_ENTRY_CHARS = 12_000  # characters of diff per entry in drift-report.md
 MSG_LIMIT = 2_000
@@ -274,6 +286,30 @@ def _as_text(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, default=str) + '\n'
 
 
+def _true(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.strip().lower() in ('true', 'yes', '1'))
+
+
+def _play_hosts(play: Any, ignore_restrictions: bool) -> list[str] | None:
+    """Names of the hosts PLAY targets, within --limit; None if they cannot be told.
+
+    IGNORE_RESTRICTIONS false: only those of the serial batch that runs now.
+    """
+    try:
+        variable_manager = play.get_variable_manager()
+        inventory = getattr(variable_manager, '_inventory', None)
+        if inventory is None:
+            return None
+        pattern = play.hosts
+        if '{{' in str(pattern):  # a play that never started is not templated yet
+            from ansible.template import Templar
+            templar = Templar(loader=play.get_loader(), variables=variable_manager.get_vars(play=play))
+            pattern = templar.template(pattern)
+        return [host.get_name() for host in inventory.get_hosts(pattern, ignore_restrictions=ignore_restrictions)]
+    except Exception:  # noqa: BLE001 - a report without coverage of this play beats no report
+        return None
+
+
 def _one_line(value: Any, limit: int = 300) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     text = ' '.join(text.split())
@@ -402,10 +438,28 @@ def _md_diff(diff: Mapping[str, Any], max_lines: int) -> str:
     return f'{fence}diff\n{text}\n{fence}\n'
 
 
+def _md_coverage(counts: Mapping[str, Any]) -> list[str]:
+    """Lines telling which plays ran to their end on a host (nothing for a report without coverage)."""
+    if 'status' not in counts:
+        return []
+    plays = counts.get('plays', [])
+    missed = [f"{p['play']} ({p['status']}: {p.get('reason', '')})" for p in plays if p['status'] != CHECKED]
+    if counts['status'] == CHECKED:
+        return [f"Checked: all {len(plays)} play{'s' * (len(plays) != 1)} that target this host ran to their end.", '']
+    if counts['status'] == PARTIALLY_CHECKED:
+        lines = [f"**Partially checked**: {len(counts['plays_checked'])} of {len(plays)} plays ran to their end on this host.",
+                 '', f"- Checked: {', '.join(counts['plays_checked'])}"]
+    else:
+        lines = ['**Not checked**: no play ran to its end on this host.', '']
+    return lines + [f"- Not checked: {', '.join(missed)}" if missed else '- Not checked: no play targets it', '']
+
+
 def render_markdown(report: Mapping[str, Any], max_diff_lines: int = 200) -> str:
     """The human-readable report, from the (already redacted) REPORT dict."""
     status = report['summary']['status']
     title = {'clean': 'no drift', 'drift': 'DRIFT FOUND', 'error': 'ERRORS'}[status]
+    if status == 'error' and report['summary'].get('errors') == 0:
+        title = 'NOT FULLY CHECKED'
     out = [f'# Drift report: {title}', '']
     meta = [
         ('Started', report['started']),
@@ -416,18 +470,27 @@ def render_markdown(report: Mapping[str, Any], max_diff_lines: int = 200) -> str
         ('Mode', ('check' if report['check_mode'] else 'APPLY (not check mode)') + (' + diff' if report['diff_mode'] else '')),
     ]
     out += ['| | |', '|---|---|'] + [f'| {k} | {_md_cell(v)} |' for k, v in meta] + ['']
-    out += ['## Summary', '', '| Host | Drift | Errors | ok | changed | failed | unreachable | skipped |',
-            '|---|---:|---:|---:|---:|---:|---:|---:|']
+    out += ['## Summary', '', '| Host | Checked | Drift | Errors | ok | changed | failed | unreachable | skipped |',
+            '|---|---|---:|---:|---:|---:|---:|---:|---:|']
     for host, counts in report['hosts'].items():
-        cells = [counts['drift'], counts['errors']] + [counts[s] for s in STATUSES]
+        cells = [_md_cell(counts.get('status')), counts['drift'], counts['errors']] + [counts[s] for s in STATUSES]
         out.append(f'| {_md_cell(host)} | ' + ' | '.join(str(c) for c in cells) + ' |')
     out.append('')
-    for host in report['hosts']:
+    incomplete = [f"{host} ({c.get('status')})" for host, c in report['hosts'].items() if c.get('status', CHECKED) != CHECKED]
+    if incomplete:
+        out += [f"**Not fully checked: {', '.join(incomplete)}.** The drift listed below is what the plays that "
+                'ran found; the plays that did not run to their end on a host may hide more.', '']
+    for host, counts in report['hosts'].items():
         drift = [d for d in report['drift'] if d['host'] == host]
         errors = [e for e in report['errors'] if e['host'] == host]
         out += [f'## {host}', '']
+        status = counts.get('status', CHECKED)
+        out += _md_coverage(counts)
         if not drift and not errors:
-            out += ['No drift.', '']
+            if status == CHECKED:
+                out += ['No drift.', '']
+            elif status == PARTIALLY_CHECKED:
+                out += ['No drift in the plays checked.', '']
         for number, entry in enumerate(drift, 1):
             title = entry['task'] + (f" [{entry['item']}]" if entry.get('item') else '')
             out += [f'### {number}. {title}', '']
@@ -476,14 +539,51 @@ class CallbackModule(CallbackBase):
         self._drift: list[dict[str, Any]] = []
         self._errors: list[dict[str, Any]] = []
         self._hosts: dict[str, dict[str, int]] = {}
+        # Coverage: the plays of the run (in order), each with the batches that started.
+        self._plays: list[dict[str, Any]] = []
+        self._batch: dict[str, Any] | None = None  # the batch running now
+        self._end_meta: tuple[str, set[str]] | None = None  # a meta end_* task running: (kind, removed before)
+        # host -> (index and name of the play, what happened): when a host first left a play before its end.
+        self._host_failures: dict[str, tuple[int, str, str]] = {}
 
     # -- events --------------------------------------------------------------------------------
 
     def v2_playbook_on_start(self, playbook: Any) -> None:
-        self._playbooks.append(str(getattr(playbook, '_file_name', playbook)))
+        name = str(getattr(playbook, '_file_name', playbook))
+        self._playbooks.append(name)
+        try:
+            plays = list(playbook.get_plays())
+        except AttributeError:
+            plays = []
+        for play in plays:  # all of them, also those that an aborted run never starts
+            self._play_entry(play, name)
 
     def v2_playbook_on_play_start(self, play: Any) -> None:
+        self._finish_batch()
         self._play = str(play.get_name()).strip()
+        entry = self._play_entry(play)
+        # The play object of this batch: Ansible runs a copy of the play per serial batch, and
+        # the inventory is restricted to the batch now.
+        targets = _play_hosts(play, ignore_restrictions=True)
+        if targets is not None:
+            entry['targets'] = targets
+        batch = _play_hosts(play, ignore_restrictions=False)
+        self._batch = {
+            'play': play,
+            'hosts': batch if batch is not None else list(entry['targets'] or []),
+            'ran': set(), 'failed': {}, 'ended': set(), 'end_play': False, 'abort': None, 'removed': None,
+        }
+        entry['batches'].append(self._batch)
+
+    def v2_playbook_on_task_start(self, task: Any, is_conditional: bool = False) -> None:
+        self._on_task_start(task)
+
+    def v2_playbook_on_handler_task_start(self, task: Any) -> None:
+        self._on_task_start(task)
+
+    def v2_playbook_on_no_hosts_remaining(self) -> None:
+        if self._batch is not None and not self._batch['abort']:
+            self._batch['abort'] = 'the play stopped: too many hosts failed (max_fail_percentage) or all failed'
 
     def v2_runner_on_ok(self, result: Any) -> None:
         self._on_task(result, 'ok')
@@ -509,6 +609,7 @@ class CallbackModule(CallbackBase):
         self._record(result, 'skipped', item=True)
 
     def v2_playbook_on_stats(self, stats: Any) -> None:
+        self._finish_batch()
         for host in sorted(getattr(stats, 'processed', {}) or {}):
             self._host(host)
         report_dir = self.get_option('report_dir')
@@ -539,13 +640,157 @@ class CallbackModule(CallbackBase):
 
     def _on_task(self, result: Any, status: str, ignore_errors: bool = False) -> None:
         data = self._data(result)
-        if isinstance(data.get('results'), list) and data['results']:
-            return  # a loop: its items were recorded one by one
         if status == 'unreachable':
             ignore_errors = self._ignored(result, status)
+        self._track(result, status, ignore_errors)
+        if isinstance(data.get('results'), list) and data['results']:
+            return  # a loop: its items were recorded one by one
         self._record(result, status, ignore_errors)
 
-    def _host(self, name: str) -> dict[str, int]:
+    # -- coverage ------------------------------------------------------------------------------
+
+    def _play_entry(self, play: Any, playbook: str | None = None) -> dict[str, Any]:
+        """The entry of PLAY in self._plays (a copy of a play, as run per batch, finds its original)."""
+        uuid = getattr(play, '_uuid', None)
+        for entry in self._plays:
+            if uuid is not None and entry['uuid'] == uuid:
+                return entry
+        hosts = getattr(play, 'hosts', None)
+        entry = {
+            'uuid': uuid,
+            'index': len(self._plays) + 1,
+            'name': str(play.get_name()).strip(),
+            'hosts': ','.join(map(str, hosts)) if isinstance(hosts, (list, tuple)) else str(hosts or ''),
+            'playbook': playbook if playbook is not None else (self._playbooks[-1] if self._playbooks else ''),
+            'object': play,
+            'targets': None,  # host names, resolved when the play starts (or at the end if it never does)
+            'batches': [],
+        }
+        self._plays.append(entry)
+        return entry
+
+    @staticmethod
+    def _removed(batch: dict[str, Any]) -> set[str] | None:
+        """Hosts that left BATCH's play (failed, unreachable, stopped, ended); None if unknown.
+
+        Ansible keeps them in the play object of the batch (the hosts that ``ansible_play_hosts``
+        leaves out). A rescued failure takes the host back.
+        """
+        removed = getattr(batch['play'], '_removed_hosts', None)
+        return set(removed) if isinstance(removed, (list, set, tuple)) else None
+
+    def _on_task_start(self, task: Any) -> None:
+        self._close_end_meta()
+        if self._batch is None:
+            return
+        action = str(getattr(task, 'action', '') or '')
+        args = getattr(task, 'args', None) or {}
+        kind = str(args.get('_raw_params', '')).strip() if isinstance(args, Mapping) else ''
+        if action.rsplit('.', 1)[-1] == 'meta' and kind in END_METAS:
+            removed = self._removed(self._batch)
+            if removed is not None:
+                self._end_meta = (kind, removed)
+
+    def _close_end_meta(self) -> None:
+        """Hosts that left the play during a meta end_* task were ended on purpose."""
+        if self._end_meta is None or self._batch is None:
+            self._end_meta = None
+            return
+        kind, before = self._end_meta
+        self._end_meta = None
+        ended = (self._removed(self._batch) or set()) - before - set(self._batch['failed'])
+        self._batch['ended'] |= ended
+        if kind == 'end_play' and ended:
+            self._batch['end_play'] = True
+
+    def _track(self, result: Any, status: str, ignored: bool) -> None:
+        """Note for the coverage that the host ran a task of this batch, and how it failed."""
+        if self._batch is None:
+            return
+        host = result.host.get_name()
+        self._batch['ran'].add(host)
+        if status not in ('failed', 'unreachable'):
+            return
+        if not ignored:
+            name = str(result.task_fields.get('name') or result.task.name or '').strip()
+            self._batch['failed'][host] = (status, name or str(result.task.action))
+        # Like the linear strategy: a failure in an any_errors_fatal (or run_once) task stops every host.
+        task = result.task
+        if not self._ignored(result, 'failed') and not self._batch['abort']:
+            what = 'was unreachable' if status == 'unreachable' else 'failed'
+            if _true(getattr(task, 'any_errors_fatal', False)):
+                self._batch['abort'] = f'{host} {what} and the play has any_errors_fatal'
+            elif _true(getattr(task, 'run_once', False)):
+                self._batch['abort'] = f'{host} {what} in a run_once task'
+
+    def _finish_batch(self) -> None:
+        """The running batch is over: note which of its hosts left the play before its end."""
+        self._close_end_meta()
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        removed = self._removed(batch)
+        if removed is None:  # no record from Ansible: infer from the results
+            removed = set(batch['failed']) | (set(batch['hosts']) - batch['ran'])
+            if batch['abort']:
+                removed |= set(batch['hosts'])
+        batch['removed'] = removed
+        entry = self._play_entry(batch['play'])
+        for host in sorted((removed & batch['ran']) - batch['ended']):
+            what = {'failed': 'failed', 'unreachable': 'was unreachable'}.get(batch['failed'].get(host, ('',))[0], 'was stopped')
+            self._host_failures.setdefault(host, (entry['index'], entry['name'], what))
+
+    def _outcome(self, host: str, entry: dict[str, Any]) -> dict[str, Any]:
+        """How far PLAY ENTRY ran on HOST: {index, play, status, reason}."""
+        outcome: dict[str, Any] = {'index': entry['index'], 'play': entry['name']}
+        batch = next((b for b in entry['batches'] if host in b['hosts']), None)
+        index, play, what = self._host_failures.get(host, (entry['index'], '', ''))
+        earlier = f'the host {what} in an earlier play: {play}' if index < entry['index'] else ''
+        if batch is None:
+            if any(b['end_play'] for b in entry['batches']):
+                return dict(outcome, status=CHECKED)  # ended on purpose (meta: end_play)
+            if not entry['batches']:
+                reason = 'the run stopped before this play'
+            else:
+                reason = earlier or "the play stopped before this host's serial batch"
+            return dict(outcome, status='not run', reason=reason)
+        if host not in batch['removed'] or host in batch['ended']:
+            return dict(outcome, status=CHECKED)
+        if host in batch['failed']:
+            status, task = batch['failed'][host]
+            return dict(outcome, status=status, reason=f'{status} at task "{task}"')
+        if host not in batch['ran']:
+            return dict(outcome, status='not run', reason=earlier or 'the play stopped before this host ran a task')
+        return dict(outcome, status='stopped', reason=batch['abort'] or "the play stopped before its end on this host")
+
+    def coverage(self) -> dict[str, dict[str, Any]]:
+        """Per host: status (checked, partially checked, not checked), plays_checked and plays."""
+        for entry in self._plays:
+            if entry['targets'] is None and not entry['batches']:
+                entry['targets'] = _play_hosts(entry['object'], ignore_restrictions=True)
+        hosts = set(self._hosts)
+        for entry in self._plays:
+            hosts.update(entry['targets'] or ())
+            for batch in entry['batches']:
+                hosts.update(batch['hosts'])
+        result = {}
+        for host in sorted(hosts):
+            plays = []
+            for entry in self._plays:
+                targeted = entry['targets'] is None or host in entry['targets']  # unknown: assume it does
+                if targeted or any(host in b['hosts'] for b in entry['batches']):
+                    plays.append(self._outcome(host, entry))
+            checked = [p['play'] for p in plays if p['status'] == 'checked']
+            if plays and len(checked) == len(plays):
+                status = CHECKED
+            elif checked:
+                status = PARTIALLY_CHECKED
+            else:
+                status = NOT_CHECKED
+            result[host] = {'status': status, 'plays_checked': checked, 'plays': plays}
+        return result
+
+    def _host(self, name: str) -> dict[str, Any]:
         return self._hosts.setdefault(name, dict.fromkeys((*STATUSES, 'ignored', 'drift', 'errors'), 0))
 
     def _record(self, result: Any, status: str, ignored: bool = False, item: bool = False) -> None:
@@ -614,8 +859,11 @@ class CallbackModule(CallbackBase):
         """The report as a dict, redacted and with every string capped."""
         args: Mapping[str, Any] = context.CLIARGS if context is not None else {}
         errors, drift = len(self._errors), len(self._drift)
+        coverage = self.coverage()
+        hosts = {host: dict(self._host(host), **coverage[host]) for host in coverage}
+        statuses = [c['status'] for c in coverage.values()]
         report = {
-            'format': 1,
+            'format': 2,
             'started': self._started,
             'finished': _now(),
             'playbooks': self._playbooks or [str(p) for p in args.get('args', ())],
@@ -624,12 +872,17 @@ class CallbackModule(CallbackBase):
             'check_mode': bool(args.get('check')),
             'diff_mode': bool(args.get('diff')),
             'summary': {
-                'status': 'error' if errors else 'drift' if drift else 'clean',
-                'hosts': len(self._hosts),
+                # A host not fully checked is an error: what was not checked may drift too.
+                'status': 'error' if errors or any(s != CHECKED for s in statuses) else 'drift' if drift else 'clean',
+                'hosts': len(hosts),
+                'checked': statuses.count(CHECKED),
+                'partially_checked': statuses.count(PARTIALLY_CHECKED),
+                'not_checked': statuses.count(NOT_CHECKED),
                 'drift': drift,
                 'errors': errors,
             },
-            'hosts': dict(sorted(self._hosts.items())),
+            'plays': [{k: entry[k] for k in ('index', 'name', 'hosts', 'playbook')} for entry in self._plays],
+            'hosts': hosts,
             'drift': self._drift,
             'errors': self._errors,
             'results': self._results,

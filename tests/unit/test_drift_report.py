@@ -201,13 +201,17 @@ def test_prune_keeps_the_newest_report_dirs(tmp_path):
 
 
 def test_exit_status_error_wins_over_drift():
-    report = {'hosts': {'a': {}}, 'drift': [{}], 'errors': []}
+    report = {'hosts': {'a': {'status': 'checked'}}, 'drift': [{}], 'errors': []}
     assert drift_check.evaluate(report, 0)[0] == 2
     assert drift_check.evaluate(dict(report, drift=[]), 0)[0] == 0
     assert drift_check.evaluate(dict(report, errors=[{}]), 4)[0] == 1
     assert drift_check.evaluate(report, 1)[0] == 1  # ansible-playbook error
     assert drift_check.evaluate(None, 0)[0] == 1  # no report
     assert drift_check.evaluate(dict(report, hosts={}, drift=[]), 0)[0] == 1  # nothing checked
+    # A host not fully checked is an error, drift or not.
+    for status in ('partially checked', 'not checked'):
+        code, problems = drift_check.evaluate(dict(report, hosts={'a': {'status': 'checked'}, 'b': {'status': status}}), 0)
+        assert (code, problems) == (1, ['1 host(s) not fully checked: b'])
 
 
 def test_environment_extends_the_configured_callbacks(monkeypatch, tmp_path):
@@ -438,7 +442,10 @@ def test_converged_state_has_no_drift(project):
     result = project.check()
     assert result.returncode == 0, result.stdout + result.stderr
     run_dir, report, markdown = project.latest()
-    assert report['summary'] == {'status': 'clean', 'hosts': 1, 'drift': 0, 'errors': 0}
+    assert report['summary'] == {'status': 'clean', 'hosts': 1, 'checked': 1, 'partially_checked': 0,
+                                 'not_checked': 0, 'drift': 0, 'errors': 0}
+    assert report['hosts']['localhost']['status'] == 'checked'
+    assert report['hosts']['localhost']['plays_checked'] == ['Drift test']
     assert report['check_mode'] and report['diff_mode']
     assert report['hosts']['localhost']['ok'] == 6  # 5 tasks, the loop counted per item
     assert report['drift'] == [] and report['errors'] == []
@@ -471,7 +478,7 @@ def test_drift_is_reported_with_redacted_diffs(project, drifted):
 
     assert '## localhost' in markdown and '### 2. ZeroMQ client secret certificate' in markdown
     assert '```diff\n--- before: ' in markdown and '-workers = 2\n+workers = 4\n' in markdown
-    assert 'localhost: 4 drift' in result.stdout
+    assert 'localhost: checked, 4 drift' in result.stdout
 
     # No secret anywhere: report, Markdown, the playbook log, stdout.
     everything = report_text(run_dir) + result.stdout + result.stderr
@@ -490,6 +497,13 @@ def test_unreachable_host_is_an_error_and_wins_over_drift(project, drifted):
     assert [(e['host'], e['status']) for e in report['errors']] == [('ghost', 'unreachable')]
     assert report['hosts']['localhost']['drift'] == 4  # the drift is still reported
     assert '**unreachable**' in markdown
+    # No any_errors_fatal: the play goes on for localhost, which is checked; ghost is not.
+    assert report['hosts']['localhost']['status'] == 'checked'
+    assert report['hosts']['ghost']['status'] == 'not checked'
+    assert report['hosts']['ghost']['plays'] == [
+        {'index': 1, 'play': 'Drift test', 'status': 'unreachable', 'reason': 'unreachable at task "Target directory"'}]
+    assert 'ghost: not checked, 0 drift, 1 error(s) (unreachable); localhost: checked, 4 drift' in result.stdout
+    assert '1 host(s) not fully checked: ghost.' in result.stdout
     assert drifted not in report_text(run_dir) + result.stdout
 
 
@@ -546,8 +560,8 @@ def test_hosts_cut_off_by_an_unreachable_host_are_not_called_clean(project):
         ('Engine on every host', 'unreachable'), ('Summary', 'not run')]
     assert 'any_errors_fatal' in hosts['alpha']['plays'][1]['reason']
     assert hosts['ghost']['plays_checked'] == []
-    assert report['summary']['status'] == 'error'
-    assert report['summary']['not_fully_checked'] == 3
+    assert report['summary'] == {'status': 'error', 'hosts': 3, 'checked': 0, 'partially_checked': 2,
+                                 'not_checked': 1, 'drift': 1, 'errors': 1}
     # What was checked is still reported.
     assert [(d['host'], d['task']) for d in report['drift']] == [('alpha', 'Drift: local state')]
 
@@ -561,7 +575,7 @@ def test_hosts_cut_off_by_an_unreachable_host_are_not_called_clean(project):
     assert 'alpha: partially checked (plays checked: "Local checks"), 1 drift' in out, out
     assert 'ghost: not checked, 0 drift, 1 error(s) (unreachable)' in out, out
     assert '3 host(s) not fully checked' in out, out
-    assert '0 host(s) fully checked' in out, out
+    assert '3 host(s), 0 fully checked (' in out, out
 
 
 def test_every_play_that_targets_a_host_ran_to_its_end(project):
@@ -574,8 +588,9 @@ def test_every_play_that_targets_a_host_ran_to_its_end(project):
     assert {h: hosts[h]['status'] for h in hosts} == {'alpha': 'checked', 'beta': 'checked'}
     assert hosts['alpha']['plays_checked'] == ['Local checks', 'Engine on every host', 'Summary']
     assert hosts['beta']['plays_checked'] == ['Local checks', 'Engine on every host', 'GPU hosts', 'Summary']
-    assert report['summary']['not_fully_checked'] == 0
+    assert report['summary'] == {'status': 'drift', 'hosts': 2, 'checked': 2, 'partially_checked': 0,
+                                 'not_checked': 0, 'drift': 1, 'errors': 0}
     assert 'No drift.' in host_section(markdown, 'beta')
     assert 'Checked: all 3 plays' in host_section(markdown, 'alpha')
-    assert 'ghost' not in markdown and 'ghost' not in result.stdout
-    assert '2 host(s) fully checked' in result.stdout
+    assert '## ghost' not in markdown and '| ghost |' not in markdown and 'ghost' not in result.stdout
+    assert '2 host(s), 2 fully checked (alpha: checked, 1 drift; beta: checked, 0 drift)' in result.stdout

@@ -362,6 +362,50 @@ remote
 beta
 '''
 
+# site.yml's other shapes: a check-mode `meta: end_host` (prepare, swarm), a rescued failure
+# (the deploy's rollback) and a serial, any_errors_fatal rollout that a failed gate stops.
+ROLLOUT_PLAYBOOK = '''\
+- name: Prepare
+  hosts: local
+  gather_facts: false
+  tasks:
+    - name: Stop here in check mode on alpha
+      ansible.builtin.meta: end_host
+      when: inventory_hostname == 'alpha'
+    - name: Read the engine
+      ansible.builtin.debug:
+        msg: engine read
+
+- name: Rollout, one host at a time
+  hosts: local
+  serial: 1
+  any_errors_fatal: true
+  gather_facts: false
+  tasks:
+    - name: Deploy with rollback
+      block:
+        - name: Deploy
+          ansible.builtin.fail:
+            msg: deploy failed
+          when: inventory_hostname == (rescue_on | default(''))
+      rescue:
+        - name: Roll back
+          ansible.builtin.debug:
+            msg: rolled back
+    - name: Health gate
+      ansible.builtin.fail:
+        msg: the gate failed
+      when: inventory_hostname == (gate_fails_on | default(''))
+
+- name: Summary
+  hosts: local
+  gather_facts: false
+  tasks:
+    - name: Show the summary
+      ansible.builtin.debug:
+        msg: summary
+'''
+
 
 class Project:
     """A playbook, its source files and a converged target directory under a tmp dir."""
@@ -382,6 +426,7 @@ class Project:
             '[lab]\n' + local + 'ghost ansible_host=127.0.0.1 ansible_port=1 ansible_connection=ssh '
             'ansible_user=nobody ansible_ssh_common_args="-o ConnectTimeout=3 -o BatchMode=yes"\n')
         (root / 'coverage.yml').write_text(COVERAGE_PLAYBOOK)
+        (root / 'rollout.yml').write_text(ROLLOUT_PLAYBOOK)
         (root / 'coverage.ini').write_text(COVERAGE_INVENTORY.format(python=sys.executable))
         self.env = {k: v for k, v in os.environ.items() if k != 'DRIFT_REPORT_DIR'}
         self.env['ANSIBLE_LOCAL_TEMP'] = str(root / '.ansible-tmp')
@@ -594,3 +639,43 @@ def test_every_play_that_targets_a_host_ran_to_its_end(project):
     assert 'Checked: all 3 plays' in host_section(markdown, 'alpha')
     assert '## ghost' not in markdown and '| ghost |' not in markdown and 'ghost' not in result.stdout
     assert '2 host(s), 2 fully checked (alpha: checked, 1 drift; beta: checked, 0 drift)' in result.stdout
+
+
+def plays_of(report: dict, host: str) -> list[tuple[str, str]]:
+    return [(p['play'], p['status']) for p in report['hosts'][host]['plays']]
+
+
+def test_a_host_ended_by_meta_end_host_or_rescued_is_checked(project):
+    checked = ['Prepare', 'Rollout, one host at a time', 'Summary']
+    result = project.check('--limit', 'local', inventory='coverage.ini', playbook='rollout.yml')
+    assert result.returncode == 0, result.stdout + result.stderr
+    _run_dir, report, _markdown = project.latest()
+    assert {h: (c['status'], c['plays_checked']) for h, c in report['hosts'].items()} == {
+        'alpha': ('checked', checked), 'beta': ('checked', checked)}
+
+    # A rescued failure is an error (exit 1), but the play ran to its end: the host is checked.
+    result = project.check('--limit', 'local', '-e', 'rescue_on=beta', inventory='coverage.ini', playbook='rollout.yml')
+    assert result.returncode == 1, result.stdout + result.stderr
+    _run_dir, report, _markdown = project.latest()
+    assert [(e['host'], e['task']) for e in report['errors']] == [('beta', 'Deploy')]
+    assert {h: c['status'] for h, c in report['hosts'].items()} == {'alpha': 'checked', 'beta': 'checked'}
+    assert 'not fully checked' not in result.stdout
+
+
+def test_a_stopped_serial_rollout_leaves_the_next_hosts_unchecked(project):
+    result = project.check('--limit', 'local', '-e', 'gate_fails_on=alpha', inventory='coverage.ini',
+                           playbook='rollout.yml')
+    assert result.returncode == 1, result.stdout + result.stderr
+    _run_dir, report, markdown = project.latest()
+    assert plays_of(report, 'alpha') == [
+        ('Prepare', 'checked'), ('Rollout, one host at a time', 'failed'), ('Summary', 'not run')]
+    assert plays_of(report, 'beta') == [
+        ('Prepare', 'checked'), ('Rollout, one host at a time', 'not run'), ('Summary', 'not run')]
+    beta = {p['play']: p.get('reason') for p in report['hosts']['beta']['plays']}
+    assert beta == {'Prepare': None, 'Rollout, one host at a time': "the play stopped before this host's serial batch",
+                    'Summary': 'the run stopped before this play'}
+    assert report['hosts']['alpha']['plays'][1]['reason'] == 'failed at task "Health gate"'
+    assert {h: c['status'] for h, c in report['hosts'].items()} == {
+        'alpha': 'partially checked', 'beta': 'partially checked'}
+    assert 'No drift in the plays checked.' in host_section(markdown, 'beta')
+    assert 'beta: partially checked (plays checked: "Prepare"), 0 drift' in result.stdout

@@ -445,7 +445,9 @@ def _md_coverage(counts: Mapping[str, Any]) -> list[str]:
     plays = counts.get('plays', [])
     missed = [f"{p['play']} ({p['status']}: {p.get('reason', '')})" for p in plays if p['status'] != CHECKED]
     if counts['status'] == CHECKED:
-        return [f"Checked: all {len(plays)} play{'s' * (len(plays) != 1)} that target this host ran to their end.", '']
+        if len(plays) == 1:
+            return ['Checked: the play that targets this host ran to its end.', '']
+        return [f'Checked: all {len(plays)} plays that target this host ran to their end.', '']
     if counts['status'] == PARTIALLY_CHECKED:
         lines = [f"**Partially checked**: {len(counts['plays_checked'])} of {len(plays)} plays ran to their end on this host.",
                  '', f"- Checked: {', '.join(counts['plays_checked'])}"]

@@ -443,17 +443,16 @@ def _md_coverage(counts: Mapping[str, Any]) -> list[str]:
     if 'status' not in counts:
         return []
     plays = counts.get('plays', [])
-    missed = [f"{p['play']} ({p['status']}: {p.get('reason', '')})" for p in plays if p['status'] != CHECKED]
     if counts['status'] == CHECKED:
         if len(plays) == 1:
             return ['Checked: the play that targets this host ran to its end.', '']
         return [f'Checked: all {len(plays)} plays that target this host ran to their end.', '']
     if counts['status'] == PARTIALLY_CHECKED:
-        lines = [f"**Partially checked**: {len(counts['plays_checked'])} of {len(plays)} plays ran to their end on this host.",
-                 '', f"- Checked: {', '.join(counts['plays_checked'])}"]
+        head = f"**Partially checked**: {len(counts['plays_checked'])} of {len(plays)} plays ran to their end on this host:"
     else:
-        lines = ['**Not checked**: no play ran to its end on this host.', '']
-    return lines + [f"- Not checked: {', '.join(missed)}" if missed else '- Not checked: no play targets it', '']
+        head = '**Not checked**: no play ran to its end on this host' + (':' if plays else '.')
+    lines = [f"- {p['play']}: {p['status']}" + (f" ({p['reason']})" if p.get('reason') else '') for p in plays]
+    return [head, ''] + lines + ([''] if lines else [])
 
 
 def render_markdown(report: Mapping[str, Any], max_diff_lines: int = 200) -> str:
@@ -760,7 +759,7 @@ class CallbackModule(CallbackBase):
             return dict(outcome, status=CHECKED)
         if host in batch['failed']:
             status, task = batch['failed'][host]
-            return dict(outcome, status=status, reason=f'{status} at task "{task}"')
+            return dict(outcome, status=status, reason=f'at task "{task}"')
         if host not in batch['ran']:
             return dict(outcome, status='not run', reason=earlier or 'the play stopped before this host ran a task')
         return dict(outcome, status='stopped', reason=batch['abort'] or "the play stopped before its end on this host")

@@ -546,7 +546,7 @@ def test_unreachable_host_is_an_error_and_wins_over_drift(project, drifted):
     assert report['hosts']['localhost']['status'] == 'checked'
     assert report['hosts']['ghost']['status'] == 'not checked'
     assert report['hosts']['ghost']['plays'] == [
-        {'index': 1, 'play': 'Drift test', 'status': 'unreachable', 'reason': 'unreachable at task "Target directory"'}]
+        {'index': 1, 'play': 'Drift test', 'status': 'unreachable', 'reason': 'at task "Target directory"'}]
     assert 'ghost: not checked, 0 drift, 1 error(s) (unreachable); localhost: checked, 4 drift' in result.stdout
     assert '1 host(s) not fully checked: ghost.' in result.stdout
     assert drifted not in report_text(run_dir) + result.stdout
@@ -611,9 +611,11 @@ def test_hosts_cut_off_by_an_unreachable_host_are_not_called_clean(project):
     assert [(d['host'], d['task']) for d in report['drift']] == [('alpha', 'Drift: local state')]
 
     alpha = host_section(markdown, 'alpha')
-    assert 'Partially checked' in alpha and '1 of 3 plays' in alpha
-    assert 'Engine on every host (stopped:' in alpha and 'Summary (not run:' in alpha
-    assert 'Not checked' in host_section(markdown, 'ghost')
+    assert '**Partially checked**: 1 of 3 plays ran to their end on this host:\n\n- Local checks: checked\n' in alpha
+    assert '- Engine on every host: stopped (ghost was unreachable and the play has any_errors_fatal)\n' in alpha
+    assert '- Summary: not run (the host was stopped in an earlier play: Engine on every host)\n' in alpha
+    assert '**Not checked**' in host_section(markdown, 'ghost')
+    assert '- Engine on every host: unreachable (at task "Reach the host")' in host_section(markdown, 'ghost')
     assert '| alpha | partially checked |' in markdown
 
     out = result.stdout
@@ -674,7 +676,7 @@ def test_a_stopped_serial_rollout_leaves_the_next_hosts_unchecked(project):
     beta = {p['play']: p.get('reason') for p in report['hosts']['beta']['plays']}
     assert beta == {'Prepare': None, 'Rollout, one host at a time': "the play stopped before this host's serial batch",
                     'Summary': 'the run stopped before this play'}
-    assert report['hosts']['alpha']['plays'][1]['reason'] == 'failed at task "Health gate"'
+    assert report['hosts']['alpha']['plays'][1]['reason'] == 'at task "Health gate"'
     assert {h: c['status'] for h, c in report['hosts'].items()} == {
         'alpha': 'partially checked', 'beta': 'partially checked'}
     assert 'No drift in the plays checked.' in host_section(markdown, 'beta')

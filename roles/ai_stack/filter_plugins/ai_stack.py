@@ -282,6 +282,52 @@ def ai_stack_health_table(results_by_host: dict) -> list[str]:
     return rows
 
 
+def ai_stack_image_digests(images: list[dict], wanted: list[str]) -> dict[str, str]:
+    """{image reference: registry digest} for the wanted references, from image inspect data.
+
+    An image that came from an archive (`load`) or a local build has no registry digest: ''.
+    """
+    digests = {}
+    for ref in wanted:
+        repository = ref.rsplit(":", 1)[0] if ":" in ref.rsplit("/", 1)[-1] else ref
+        found = [info for info in images or [] if ref in (info.get("RepoTags") or [])]
+        repo_digests = [d for info in found for d in info.get("RepoDigests") or []]
+        digests[ref] = next((d.split("@", 1)[1] for d in repo_digests if d.split("@", 1)[0] == repository), "")
+    return digests
+
+
+def ai_stack_image_table(digests_by_host: dict) -> list[str]:
+    """Which image (reference and registry digest) each host runs."""
+    rows = [f"{'HOST':<16} {'IMAGE':<44} DIGEST"]
+    for host, digests in digests_by_host.items():
+        for ref, digest in (digests or {}).items():
+            rows.append(f"{host:<16} {ref:<44} {digest or '(no registry digest)'}")
+    return rows
+
+
+# Docker's own error texts, first match wins: what an operator must fix for each.
+PULL_FAILURES = (
+    (re.compile(r"unauthorized|authentication required|incorrect username or password|\b401\b", re.I),
+     "The registry refused the credentials (check ai_stack_image_registry_username and the vaulted password)"),
+    (re.compile(r"x509|certificate", re.I),
+     "The registry's TLS certificate is not trusted (set ai_stack_image_registry_ca_cert to its CA)"),
+    (re.compile(r"manifest unknown|not found|does not exist|\b404\b", re.I),
+     "The registry does not have this image or tag (check ai_stack_image_tag)"),
+    (re.compile(r"connection refused|no such host|timeout|dial tcp|no route to host|server misbehaving", re.I),
+     "The registry does not answer (is it running, and is ai_stack_image_registry right?)"),
+)
+
+
+def ai_stack_pull_failure(error: str, secret: str = "") -> str:
+    """Why a login or pull failed, for the operator, with `secret` masked in the details."""
+    error = str(error or "")
+    if secret:
+        error = error.replace(secret, "********")
+    reason = next((text for pattern, text in PULL_FAILURES if pattern.search(error)), "The pull failed")
+    detail = " ".join(error.split())
+    return f"{reason} ({detail[:400]})" if detail else reason
+
+
 class FilterModule:
     def filters(self):
         return {
@@ -293,4 +339,7 @@ class FilterModule:
             "ai_stack_runtime_drift": ai_stack_runtime_drift,
             "ai_stack_unhealthy": ai_stack_unhealthy,
             "ai_stack_health_table": ai_stack_health_table,
+            "ai_stack_pull_failure": ai_stack_pull_failure,
+            "ai_stack_image_digests": ai_stack_image_digests,
+            "ai_stack_image_table": ai_stack_image_table,
         }

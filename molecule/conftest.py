@@ -102,6 +102,29 @@ def containers(host: testinfra.host.Host, project: str) -> dict[str, str]:
     return {line.split()[0].lstrip("/"): " ".join(line.split()[1:]) for line in out.splitlines()}
 
 
+LAB_STATE = PROJECT_DIR / ".cache" / "lab"
+REGISTRY = "ai-lab-registry:5000"
+
+
+def registry_password() -> str:
+    return (LAB_STATE / "registry" / "password").read_text().strip()
+
+
+def lab_secrets() -> list[str]:
+    """Every secret of the lab that must never appear in output, diffs or reports: the CURVE
+    secret keys, the registry's password, the body of the lab's SSH private key."""
+    ssh_key = (LAB_STATE / "ssh" / "id_ed25519").read_text().splitlines()
+    ssh_body = [line for line in ssh_key if line and not line.startswith("-----")]
+    assert secret_keys() and ssh_body
+    return secret_keys() + [registry_password()] + ssh_body
+
+
+def assert_no_secret(*outputs: str) -> None:
+    for secret in lab_secrets():
+        for output in outputs:
+            assert secret not in output, "a secret of the lab appears in the output"
+
+
 def secret_keys() -> list[str]:
     """The Z85 secret keys of the controller's key pairs (to prove they leak nowhere)."""
     found = []

@@ -3,7 +3,7 @@
 import re
 
 import pytest
-from conftest import PROJECT_DIR, containers, play_recap, run_module, run_playbook
+from conftest import REGISTRY, PROJECT_DIR, assert_no_secret, containers, play_recap, run_module, run_playbook
 
 PC2_SERVICES = {"advanced-router": 5780, "translator-agent": 5789, "authentication-agent": 5790,
                 "health-monitor": 5791, "context-monitor": 5792}
@@ -36,9 +36,12 @@ def test_limit_pc2_rollout_changes_pc2_only(mainpc, pc2):
     # Tasks delegated to MainPC only read (swarm tokens, registry health).
     assert not re.search(r"changed: \[ai-lab-pc2 -> ai-lab-mainpc\]", result.stdout)
     assert containers(mainpc, "mainpc") == mainpc_before
-    assert images(pc2) == {"ai-system/agent:lab-next"}
+    assert images(pc2) == {f"{REGISTRY}/ai-system/agent:lab-next"}
     assert set(containers(pc2, "pc2").values()).isdisjoint(pc2_before.values())
     assert pc2_health() == {name: "healthy" for name in PC2_SERVICES}
+    # This run logged in to the registry and pulled: no secret in its output.
+    assert "Log in to the registry" in result.stdout
+    assert_no_secret(result.stdout, result.stderr)
 
 
 def test_a_tag_that_never_gets_healthy_is_rolled_back(mainpc, pc2):
@@ -49,7 +52,7 @@ def test_a_tag_that_never_gets_healthy_is_rolled_back(mainpc, pc2):
     assert "pc2 on ai-lab-pc2 failed its deploy" in result.stdout
     assert "advanced-router: bad_reply" in result.stdout
     assert "Rolled back to the last good deployment: 5 of 5 services healthy again" in result.stdout
-    assert images(pc2) == {"ai-system/agent:lab-next"}
+    assert images(pc2) == {f"{REGISTRY}/ai-system/agent:lab-next"}
     assert pc2_health() == {name: "healthy" for name in PC2_SERVICES}
-    assert "ai-system/agent:lab-next" in pc2.file("/opt/ai-system/pc2/last-good/compose.yaml").content_string
+    assert f"{REGISTRY}/ai-system/agent:lab-next" in pc2.file("/opt/ai-system/pc2/last-good/compose.yaml").content_string
     assert containers(mainpc, "mainpc") == mainpc_before

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import zmq.auth
-from conftest import PROJECT_DIR, containers, run_module, run_playbook, secret_keys
+from conftest import PROJECT_DIR, assert_no_secret, containers, run_module, run_playbook, secret_keys
 
 MAINPC_SERVICES = {"system-digital-twin": 7120, "task-router": 8571, "streaming-interrupt-handler": 5576,
                    "streaming-tts-agent": 5562, "tts-agent": 5563, "responder": 5637}
@@ -108,7 +108,5 @@ def test_second_run_changes_nothing_restarts_nothing_and_prints_no_secret(mainpc
     assert "changed=1" not in result.stdout.split("PLAY RECAP")[-1]
     after = {"mainpc": containers(mainpc, "mainpc"), "pc2": containers(pc2, "pc2")}
     assert after == before
-    keys = secret_keys()
-    assert len(keys) == 3
-    for key in keys:
-        assert key not in result.stdout and key not in result.stderr
+    assert len(secret_keys()) == 3
+    assert_no_secret(result.stdout, result.stderr)

@@ -1,0 +1,87 @@
+"""Images from the registry: each pull failure is explained and changes no container; the
+air-gapped `load` path still deploys."""
+
+import subprocess
+
+import pytest
+from conftest import REGISTRY, PROJECT_DIR, assert_no_secret, containers, play_recap, run_module, run_playbook
+
+SITE = PROJECT_DIR / "site.yml"
+PC2_SERVICES = {"advanced-router": 5780, "translator-agent": 5789, "authentication-agent": 5790,
+                "health-monitor": 5791, "context-monitor": 5792}
+# In the registry, but not on pc2 (the fixture removes it): a rollout to it must pull.
+NOT_ON_PC2 = "lab-broken"
+
+
+def pc2_health(wait=0):
+    result = run_module("zmq_health", {
+        "endpoints": [{"name": n, "url": f"tcp://192.168.100.17:{p}"} for n, p in PC2_SERVICES.items()],
+        "certificates_dir": str(PROJECT_DIR / "certificates"), "client_key_name": "health-probe",
+        "timeout": 3, "wait_timeout": wait, "fail_on_unhealthy": False})
+    return {e["name"]: e["state"] for e in result["endpoints"]}
+
+
+def snapshot(pc2):
+    return containers(pc2, "pc2"), pc2.file("/opt/ai-system/pc2/compose.yaml").sha256sum
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pc2_without_the_tag(pc2):
+    pc2.run("docker image rm %s/ai-system/agent:%s", REGISTRY, NOT_ON_PC2)
+    yield
+    run_playbook(SITE, "--limit", "pc2")
+
+
+def assert_refused(pc2, before, result, reason):
+    assert result.returncode != 0
+    assert f"Could not pull {REGISTRY}/ai-system/agent:" in result.stdout
+    assert reason in result.stdout, result.stdout[-3000:]
+    assert "No container on this host was changed" in result.stdout
+    assert play_recap(result.stdout)["ai-lab-pc2"]["failed"] == 1
+    assert snapshot(pc2) == before
+    assert pc2_health() == {name: "healthy" for name in PC2_SERVICES}
+    assert_no_secret(result.stdout, result.stderr)
+
+
+def test_an_unknown_tag_is_refused_and_pc2_keeps_its_containers(pc2):
+    before = snapshot(pc2)
+    result = run_playbook(SITE, "--limit", "pc2", "-e", "ai_stack_image_tag=no-such-tag", check=False)
+    assert_refused(pc2, before, result, "The registry does not have this image or tag")
+
+
+def test_a_wrong_password_is_refused_and_never_shown(pc2):
+    before = snapshot(pc2)
+    result = run_playbook(SITE, "--limit", "pc2", "-e", f"ai_stack_image_tag={NOT_ON_PC2}",
+                          "-e", "ai_stack_image_registry_password=not-the-password", check=False)
+    assert_refused(pc2, before, result, "The registry refused the credentials")
+    assert "not-the-password" not in result.stdout
+
+
+def test_an_untrusted_certificate_is_refused(pc2):
+    pc2.check_output("mv /etc/docker/certs.d/%s /root/registry-ca.saved", REGISTRY)
+    try:
+        before = snapshot(pc2)
+        result = run_playbook(SITE, "--limit", "pc2", "-e", f"ai_stack_image_tag={NOT_ON_PC2}",
+                              "-e", "ai_stack_image_registry_ca_cert=", check=False)
+        assert_refused(pc2, before, result, "The registry's TLS certificate is not trusted")
+    finally:
+        pc2.check_output("mv /root/registry-ca.saved /etc/docker/certs.d/%s", REGISTRY)
+
+
+def test_the_registry_down_is_refused(pc2):
+    subprocess.run(["docker", "stop", REGISTRY.split(":")[0]], check=True, capture_output=True)
+    try:
+        before = snapshot(pc2)
+        result = run_playbook(SITE, "--limit", "pc2", "-e", f"ai_stack_image_tag={NOT_ON_PC2}", check=False)
+        assert_refused(pc2, before, result, "The registry does not answer")
+    finally:
+        subprocess.run(["docker", "start", REGISTRY.split(":")[0]], check=True, capture_output=True)
+
+
+def test_the_air_gapped_load_path_still_deploys(pc2):
+    result = run_playbook(SITE, "--limit", "pc2", "-e", "ai_stack_image_source=load",
+                          "-e", "ai_stack_image=ai-system/agent:lab-next")
+    assert "Load the images" in result.stdout
+    images = set(pc2.check_output("docker ps --filter label=com.docker.compose.project=pc2 --format '{{.Image}}'").split())
+    assert images == {"ai-system/agent:lab-next"}
+    assert pc2_health(wait=60) == {name: "healthy" for name in PC2_SERVICES}

@@ -125,3 +125,32 @@ def test_health_table():
     assert rows[1].split() == ["mainpc", "task-router", "healthy", "1.2", "ms"]
     assert rows[2].split() == ["mainpc", "responder", "refused", "-"]
     assert len(rows) == 3
+
+
+@pytest.mark.parametrize(("error", "reason"), [
+    ("Logging into ai-lab-registry:5000 for user ai-lab failed - 401 Client Error: Unauthorized", "refused the credentials"),
+    ("Error: Get \"https://ai-lab-registry:5000/v2/\": tls: failed to verify certificate: x509: certificate signed by "
+     "unknown authority", "TLS certificate is not trusted"),
+    ("manifest for ai-lab-registry:5000/ai-system/agent:nope not found: manifest unknown", "does not have this image or tag"),
+    ("Get \"https://ai-lab-registry:5000/v2/\": dial tcp: lookup ai-lab-registry on 127.0.0.11:53: no such host",
+     "does not answer"),
+    ("something new", "The pull failed"),
+])
+def test_pull_failures_are_explained(error, reason):
+    assert reason in filters.ai_stack_pull_failure(error)
+
+
+def test_pull_failure_masks_the_password():
+    message = filters.ai_stack_pull_failure("login with s3cr3t-pw failed: 401 Unauthorized", "s3cr3t-pw")
+    assert "s3cr3t-pw" not in message and "********" in message
+
+
+def test_image_digests_from_inspect_data():
+    images = [{"RepoTags": ["reg:5000/ai-system/agent:lab", "reg:5000/ai-system/agent:lab-next"],
+               "RepoDigests": ["reg:5000/ai-system/agent@sha256:abc"]},
+              {"RepoTags": ["ai-system/agent:lab"], "RepoDigests": []}]
+    wanted = ["reg:5000/ai-system/agent:lab", "ai-system/agent:lab", "reg:5000/other:1"]
+    assert filters.ai_stack_image_digests(images, wanted) == {
+        "reg:5000/ai-system/agent:lab": "sha256:abc", "ai-system/agent:lab": "", "reg:5000/other:1": ""}
+    table = filters.ai_stack_image_table({"ai-lab-pc2": {"reg:5000/ai-system/agent:lab": "sha256:abc"}})
+    assert "sha256:abc" in table[1] and table[1].startswith("ai-lab-pc2")

@@ -243,9 +243,16 @@ def ai_stack_compose_health_endpoints(compose: dict, address: str = "127.0.0.1")
     ]
 
 
-def ai_stack_runtime_drift(containers: list[dict], compose: dict) -> list[str]:
-    """How the running containers differ from the Compose project (what a deploy would fix)."""
+def ai_stack_runtime_drift(containers: list[dict], compose: dict, running: dict | None = None,
+                           env_file: str = "") -> list[str]:
+    """How the running containers differ from the Compose project (what a deploy would fix).
+
+    `containers` is the engine's container list (docker_host_info); `running` is what
+    ai_stack_running_config reads from `docker inspect` and Compose's config hashes; with
+    it, every setting the project renders is compared (ai_stack_config_drift).
+    """
     by_name = {c["Names"][0].lstrip("/"): c for c in containers if c.get("Names")}
+    differences = ai_stack_config_drift(running or {}, compose, env_file) if running else {}
     findings = []
     for name, spec in compose.get("services", {}).items():
         container = by_name.get(spec.get("container_name", name))
@@ -254,16 +261,171 @@ def ai_stack_runtime_drift(containers: list[dict], compose: dict) -> list[str]:
             continue
         if container.get("State") != "running":
             findings.append(f"{name}: container {container.get('State')} (would be started)")
-        if container.get("Image") != spec["image"]:
+        if not running and container.get("Image") != spec["image"]:
             findings.append(f"{name}: runs image {container.get('Image')}, expected {spec['image']} (would be recreated)")
         expected_keys = spec.get("labels", {}).get("ai-system.certificates")
         if expected_keys and container.get("Labels", {}).get("ai-system.certificates") != expected_keys:
             findings.append(f"{name}: started with other CURVE keys (would be recreated)")
+        if differences.get(name):
+            findings.append(f"{name}: differs from its configuration: {'; '.join(differences[name])} (would be recreated)")
         if "(unhealthy)" in container.get("Status", ""):
             findings.append(f"{name}: Docker healthcheck reports unhealthy")
     for name in sorted(set(by_name) - {s.get("container_name", n) for n, s in compose.get("services", {}).items()}):
         findings.append(f"{name}: container not in the Compose project (would be removed)")
     return findings
+
+
+_INSPECT_MARK = "=== inspect"
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|ms|s|m|h)")
+_DURATION_NS = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000, "h": 3_600_000_000_000}
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([bkmg]?)b?$", re.I)
+_SIZE_BYTES = {"": 1, "b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+
+
+def ai_stack_running_config(output: str) -> dict:
+    """Parse the project's read (tasks/prepare.yml): `docker compose config --hash '*'`
+    lines, then a marker, then `docker inspect` JSON of the project's containers."""
+    import json
+
+    hashes_text, _, inspect_text = (output or "").partition(_INSPECT_MARK)
+    hashes = dict(line.split(None, 1) for line in hashes_text.splitlines() if len(line.split()) == 2)
+    try:
+        containers = json.loads(inspect_text) if inspect_text.strip() else []
+    except ValueError:
+        containers = []
+    return {"hashes": hashes, "containers": containers if isinstance(containers, list) else []}
+
+
+def _duration_ns(value: Any) -> int:
+    if isinstance(value, (int, float)):
+        return int(value)
+    return sum(int(float(n) * _DURATION_NS[u]) for n, u in _DURATION.findall(str(value)))
+
+
+def _size_bytes(value: Any) -> int:
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(str(value).strip())
+    return int(float(match[1]) * _SIZE_BYTES[match[2].lower()]) if match else -1
+
+
+def _env_file_vars(text: str) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in (text or "").splitlines() if "=" in line and not line.lstrip().startswith("#"))
+    return {k.strip(): v for k, v in pairs}
+
+
+def _wanted_ports(spec: dict) -> set[tuple[str, str, str]]:
+    wanted = set()
+    for entry in spec.get("ports", []):
+        address, host_port, container_port = str(entry).rsplit(":", 2) if str(entry).count(":") >= 2 else ("", *str(entry).split(":"))
+        proto = "udp" if container_port.endswith("/udp") else "tcp"
+        wanted.add((address, host_port, f"{container_port.split('/')[0]}/{proto}"))
+    return wanted
+
+
+def _running_ports(info: dict) -> set[tuple[str, str, str]]:
+    bindings = (info.get("HostConfig") or {}).get("PortBindings") or {}
+    return {(b.get("HostIp", ""), b.get("HostPort", ""), port) for port, binds in bindings.items() for b in binds or []}
+
+
+def _wanted_mounts(spec: dict) -> set[tuple[str, str, bool]]:
+    mounts = set()
+    for entry in spec.get("volumes", []):
+        parts = str(entry).split(":")
+        mounts.add((parts[0], parts[1], not (len(parts) > 2 and "ro" in parts[2].split(","))))
+    return mounts
+
+
+def _running_mounts(info: dict) -> set[tuple[str, str, bool]]:
+    return {(m.get("Source", ""), m.get("Destination", ""), bool(m.get("RW")))
+            for m in info.get("Mounts") or [] if m.get("Type") == "bind"}
+
+
+def _healthcheck(spec: dict) -> dict:
+    check = spec.get("healthcheck") or {}
+    test = check.get("test")
+    return {"Test": [test] if isinstance(test, str) else test,
+            **{key: _duration_ns(check[name]) for key, name in (("Interval", "interval"), ("Timeout", "timeout"),
+                                                                  ("StartPeriod", "start_period"),
+                                                                  ("StartInterval", "start_interval")) if name in check},
+            **({"Retries": check["retries"]} if "retries" in check else {})}
+
+
+def _gpu_wanted(spec: dict) -> bool:
+    return bool(((spec.get("deploy") or {}).get("resources") or {}).get("reservations", {}).get("devices"))
+
+
+def ai_stack_config_drift(running: dict, compose: dict, env_file: str = "") -> dict[str, list[str]]:
+    """{service: [what differs]} between each container's running configuration and the
+    Compose project: every setting the role renders, and Compose's own config hash.
+
+    Environment differences name the keys only: values may be secret.
+    """
+    by_name = {c.get("Name", "").lstrip("/"): c for c in running.get("containers", [])}
+    hashes = running.get("hashes", {})
+    env_common = _env_file_vars(env_file)
+    drift: dict[str, list[str]] = {}
+    for name, spec in compose.get("services", {}).items():
+        info = by_name.get(spec.get("container_name", name))
+        if info is None:
+            continue
+        config, host = info.get("Config") or {}, info.get("HostConfig") or {}
+        found = []
+        if config.get("Image") != spec.get("image"):
+            found.append(f"image: {config.get('Image')} running, {spec.get('image')} wanted")
+        labels = config.get("Labels") or {}
+        if hashes.get(name) and labels.get("com.docker.compose.config-hash") not in (None, hashes[name]):
+            found.append("created from another Compose configuration")
+        env_running = dict(item.split("=", 1) for item in config.get("Env") or [] if "=" in item)
+        env_wanted = {**env_common, **{k: str(v) for k, v in (spec.get("environment") or {}).items()}}
+        env_keys = sorted(k for k, v in env_wanted.items() if env_running.get(k) != v)
+        if env_keys:
+            found.append(f"environment: {', '.join(env_keys)}")
+        memory = _size_bytes(spec["mem_limit"]) if "mem_limit" in spec else None
+        if memory is not None and host.get("Memory") != memory:
+            found.append(f"memory: {host.get('Memory', 0) // 1024 ** 2}m running, {memory // 1024 ** 2}m wanted")
+        if _running_ports(info) != _wanted_ports(spec):
+            found.append("ports: " + ", ".join(sorted(f"{a}:{h}->{c}" for a, h, c in _running_ports(info)) or ["none"])
+                         + " running, " + ", ".join(sorted(f"{a}:{h}->{c}" for a, h, c in _wanted_ports(spec)) or ["none"])
+                         + " wanted")
+        if _running_mounts(info) != _wanted_mounts(spec):
+            found.append("volumes")
+        if "command" in spec:
+            command = spec["command"].split() if isinstance(spec["command"], str) else list(spec["command"])
+            if list(config.get("Cmd") or []) != command:
+                found.append("command")
+        if spec.get("healthcheck"):
+            wanted = _healthcheck(spec)
+            actual = config.get("Healthcheck") or {}
+            if any(actual.get(k) != v for k, v in wanted.items()):
+                found.append("healthcheck")
+        if "user" in spec and config.get("User", "") != spec["user"]:
+            found.append(f"user: {config.get('User') or 'image default'} running, {spec['user']} wanted")
+        if sorted(host.get("SecurityOpt") or []) != sorted(spec.get("security_opt", [])):
+            found.append("security options")
+        if "read_only" in spec and bool(host.get("ReadonlyRootfs")) != bool(spec["read_only"]):
+            found.append("read-only root filesystem")
+        if sorted(host.get("CapDrop") or []) != sorted(spec.get("cap_drop", [])):
+            found.append("dropped capabilities")
+        if "tmpfs" in spec and sorted(host.get("Tmpfs") or {}) != sorted(spec["tmpfs"]):
+            found.append("tmpfs")
+        networks = sorted(((info.get("NetworkSettings") or {}).get("Networks") or {}))
+        if "networks" in spec and networks != sorted(spec["networks"]):
+            found.append(f"networks: {', '.join(networks) or 'none'} running, {', '.join(sorted(spec['networks']))} wanted")
+        if any(labels.get(k) != v for k, v in (spec.get("labels") or {}).items()):
+            found.append("labels")
+        logging = spec.get("logging") or {}
+        log_config = host.get("LogConfig") or {}
+        if logging and (log_config.get("Type") != logging.get("driver")
+                        or (log_config.get("Config") or {}) != {k: str(v) for k, v in (logging.get("options") or {}).items()}):
+            found.append("logging")
+        if "restart" in spec and (host.get("RestartPolicy") or {}).get("Name") != spec["restart"]:
+            found.append("restart policy")
+        if bool(host.get("DeviceRequests")) != _gpu_wanted(spec):
+            found.append("GPU reservation")
+        if found:
+            drift[name] = found
+    return drift
 
 
 def ai_stack_unhealthy(health: dict) -> list[str]:
@@ -337,6 +499,8 @@ class FilterModule:
             "ai_stack_health_endpoints": ai_stack_health_endpoints,
             "ai_stack_compose_health_endpoints": ai_stack_compose_health_endpoints,
             "ai_stack_runtime_drift": ai_stack_runtime_drift,
+            "ai_stack_running_config": ai_stack_running_config,
+            "ai_stack_config_drift": ai_stack_config_drift,
             "ai_stack_unhealthy": ai_stack_unhealthy,
             "ai_stack_health_table": ai_stack_health_table,
             "ai_stack_pull_failure": ai_stack_pull_failure,

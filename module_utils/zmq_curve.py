@@ -31,7 +31,9 @@ import fcntl
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import traceback
 
@@ -141,6 +143,52 @@ def keypair_lock_path(directory):
     return os.path.join(directory, LOCK_FILE_NAME)
 
 
+class _LockTimeout(Exception):
+    pass
+
+
+def _flock(fd, operation, timeout):
+    """flock(FD, OPERATION), waiting at most TIMEOUT seconds (then _LockTimeout).
+
+    A blocking flock queues in the kernel, so runs get the lock in turn and readers are not
+    starved by writers. Its timeout is a SIGALRM timer, which only the main thread can use
+    (modules always run there); elsewhere, or when that timer is in use, the lock is polled.
+    """
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        return
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise
+    if timeout <= 0:
+        raise _LockTimeout()
+    if (threading.current_thread() is threading.main_thread() and hasattr(signal, 'setitimer')
+            and signal.getitimer(signal.ITIMER_REAL)[0] == 0):  # never disturb a timer in use
+        def on_alarm(signum, frame):
+            raise _LockTimeout()
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+            fcntl.flock(fd, operation)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        return
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        time.sleep(delay)
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+        if time.monotonic() >= deadline:
+            raise _LockTimeout()
+        delay = min(delay * 2, 0.01)
+
+
 @contextlib.contextmanager
 def keypair_lock(directory, exclusive=True, create=True, timeout=LOCK_TIMEOUT):
     """Hold ``fcntl.flock`` on DIRECTORY's lock file; yields True, or False if there is none.
@@ -178,23 +226,12 @@ def keypair_lock(directory, exclusive=True, create=True, timeout=LOCK_TIMEOUT):
         if fd is None:
             yield False
             return
-        operation = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-        # Poll (non-blocking flock) so that a stuck holder cannot hang the run forever; the
-        # holders' work takes milliseconds, so start polling fast and back off to 50 ms.
-        deadline = time.monotonic() + timeout
-        delay = 0.001
-        while True:
-            try:
-                fcntl.flock(fd, operation | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise CurveKeyError('cannot lock %s: %s' % (path, e.strerror))
-            if time.monotonic() >= deadline:
-                raise CurveKeyError('another run has held the lock %s for more than %d s'
-                                    % (path, timeout))
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        try:
+            _flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, timeout)
+        except _LockTimeout:
+            raise CurveKeyError('another run has held the lock %s for more than %g s' % (path, timeout))
+        except OSError as e:
+            raise CurveKeyError('cannot lock %s: %s' % (path, e.strerror))
         yield True
     finally:
         if fd is not None:

@@ -62,12 +62,16 @@ def curve_certificates_layout(pairs, probe_name, certificates_dir, probe_dir, ow
 
 
 def curve_certificates_host_keys(find_result: dict, layout: list) -> dict:
-    """{src: [{'path', 'checksum'}]}: the role's key files a host holds, by controller name."""
+    """{src: [{'path', 'checksum', 'rank'}]}: the role's key files a host holds, by controller name.
+
+    rank is the file's place in the layout (the certificate directory's copies come first).
+    """
     found = curve_certificates_in_place(find_result)
     held: dict = {}
-    for entry in layout:
+    for rank, entry in enumerate(layout):
         if entry["dest"] in found:
-            held.setdefault(entry["src"], []).append({"path": entry["dest"], "checksum": found[entry["dest"]]["checksum"]})
+            held.setdefault(entry["src"], []).append({"path": entry["dest"], "checksum": found[entry["dest"]]["checksum"],
+                                                      "rank": rank})
     return held
 
 
@@ -181,7 +185,8 @@ def _analyse(controller: dict, hosts: dict) -> dict:
                     ident = mine_id
                 else:
                     ident = held.get("fingerprints", {}).get(copy["path"]) or "unreadable"
-                copies.append({"host": host, "path": copy["path"], "checksum": copy["checksum"], "id": ident})
+                copies.append({"host": host, "path": copy["path"], "checksum": copy["checksum"], "id": ident,
+                               "rank": copy.get("rank", 0)})
         ids = {c["id"] for c in copies}
         if not copies:
             state = "new"
@@ -308,19 +313,29 @@ def curve_certificates_recover_plan(controller: dict, hosts: dict, layout: list,
         return {"ok": False, "files": [], "message": (
             f"No host of {', '.join(hosts) or 'this play'} holds any CurveZMQ key file: there is nothing to "
             f"recover. A first deployment (site.yml) makes new pairs.")}
+    def pairs_in(state):
+        found = []
+        for src in wanted:
+            name = src.rsplit(".", 1)[0]
+            if (analysis.get(src, {}).get("state", "new") == state) and name not in found:
+                found.append(name)
+        return found
+
     problems = []
-    disagree = [s for s in wanted if analysis.get(s, {}).get("state") == "disagree"]
+    disagree = pairs_in("disagree")
     if disagree:
         problems.append(f"the hosts hold different keys ({', '.join(disagree)}); rebuild from the host whose keys are "
-                        f"right with --limit HOST, or replace every key on purpose with `{ROTATE}`")
-    lost = [s for s in wanted if s not in analysis or analysis[s]["state"] == "new"]
+                        f"right with `{RECOVER} --limit HOST`, or replace every key on purpose with `{ROTATE}`")
+    # A file no host holds is only lost when the controller lacks it too.
+    lost = [s for s in wanted if s not in controller.get("files", {})
+            and (s not in analysis or analysis[s]["state"] == "new")]
     if lost:
         problems.append(f"no host holds {', '.join(lost)}, so it cannot be recovered; replace the keys on purpose "
                         f"with `{ROTATE}`")
-    differs = [s for s in wanted if analysis.get(s, {}).get("state") == "differs"]
+    differs = pairs_in("differs")
     if differs and not replace:
-        problems.append(f"the controller's {', '.join(differs)} in {controller['dir']} hold other keys than the "
-                        f"hosts'; -e curve_certificates_recover_replace=true replaces them with the hosts' keys")
+        problems.append(f"the controller's pairs {', '.join(differs)} in {controller['dir']} hold other keys than the "
+                        f"hosts'; `-e curve_certificates_recover_replace=true` replaces them with the hosts' keys")
     if problems:
         return {"ok": False, "files": [], "message": (
             "Refusing to recover the controller's CurveZMQ key pairs (nothing was changed): " + "; ".join(problems)
@@ -328,11 +343,13 @@ def curve_certificates_recover_plan(controller: dict, hosts: dict, layout: list,
     files = []
     for src in wanted:
         copies = analysis[src]["copies"]
+        if not copies:
+            continue  # the controller's own file, which no host holds
         mine = controller.get("files", {}).get(src)
         if mine and all(c["checksum"] == mine["sha1"] for c in copies):
             continue  # already the hosts' file, byte for byte
-        first = sorted(copies, key=lambda c: (list(hosts).index(c["host"]),
-                                             [e["dest"] for e in layout].index(c["path"])))[0]
+        # The first host's copy, from the certificate directory when it holds one.
+        first = sorted(copies, key=lambda c: (list(hosts).index(c["host"]), c["rank"]))[0]
         files.append({"src": src, "host": first["host"], "path": first["path"], "secret": src.endswith(".key_secret")})
     sources = sorted({f["host"] for f in files})
     return {"ok": True, "files": files, "message": (

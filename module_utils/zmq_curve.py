@@ -251,7 +251,12 @@ def _fsync_path(path, directory=False):
 
 
 def _load_certificate(path):
-    """zmq.auth.load_certificate with errors that name the file but never its contents."""
+    """zmq.auth.load_certificate with errors that name the file but never its contents.
+
+    Only regular files are read: opening a FIFO would block forever, a device could be endless.
+    """
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise CurveKeyError('%s is not a regular file' % path)
     try:
         return zmq.auth.load_certificate(path)
     except (IOError, OSError):
@@ -413,7 +418,8 @@ def client_keys_from_dir(certificates_dir, need_server_key=True, client_name=CLI
     client_public_file, client_secret_file = keypair_paths(certificates_dir, client_name)
     server_public_file = keypair_paths(certificates_dir, SERVER_CERT_NAME)[0]
     if not os.path.isfile(client_secret_file):
-        raise CurveKeyError('%s is missing' % client_secret_file)
+        raise CurveKeyError('%s %s' % (client_secret_file, 'is not a regular file'
+                                       if os.path.exists(client_secret_file) else 'is missing'))
     public_key, secret_key = load_secret_certificate(client_secret_file)
     if os.path.exists(client_public_file):
         if load_public_key(client_public_file) != public_key:
@@ -422,7 +428,8 @@ def client_keys_from_dir(certificates_dir, need_server_key=True, client_name=CLI
     server_key = None
     if need_server_key or os.path.exists(server_public_file):
         if not os.path.isfile(server_public_file):
-            raise CurveKeyError('%s is missing' % server_public_file)
+            raise CurveKeyError('%s %s' % (server_public_file, 'is not a regular file'
+                                           if os.path.exists(server_public_file) else 'is missing'))
         server_key = load_public_key(server_public_file)
     return CurveClientKeys(public_key, secret_key, server_key, source=certificates_dir)
 

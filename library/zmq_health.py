@@ -245,11 +245,24 @@ msg:
   sample: "2 of 5 ZMQ endpoints unhealthy: tts-agent (tcp://192.168.100.16:6563): auth_failed; responder (tcp://192.168.100.16:6637): timeout"
 '''
 
+import collections
+import errno
+import heapq
 import json
 import math
+import os
 import re
+import select
+import socket
+import struct
+import threading
 import time
 import traceback
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - not on POSIX
+    resource = None
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible.module_utils.zmq_curve import (
@@ -275,7 +288,6 @@ except ImportError:
 
 if HAS_ZMQ:
     import zmq
-    from zmq.utils.monitor import recv_monitor_message
 
 HEALTHY = 'healthy'
 DEGRADED = 'degraded'
@@ -287,9 +299,46 @@ BAD_REPLY = 'bad_reply'
 DEFAULT_REQUEST = {'action': 'health_check'}
 DEFAULT_EXPECT = "status == 'ok'"
 RETRY_INTERVAL = 0.3
-MAX_REPLY_CHARS = 2048
 
-URL_RE = re.compile(r'^tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(?P<port>[0-9]{1,5})$')
+#: Timeouts (seconds) must be finite and at most this.
+MAX_TIMEOUT = 3600.0
+#: Largest reply accepted (bytes, all frames together), default and upper bound of max_reply_size.
+DEFAULT_MAX_REPLY_SIZE = 64 * 1024
+MAX_MAX_REPLY_SIZE = 16 * 1024 * 1024
+#: CURVE wraps every message in a MESSAGE command (nonce, MAC, flags), so the wire frame that
+#: ZMQ_MAXMSGSIZE limits is a little longer than the reply; the exact limit is checked in Python.
+CURVE_FRAME_OVERHEAD = 64
+#: What goes into the result: the parsed JSON reply if its compact form has at most this many
+#: characters and it nests at most MAX_REPLY_DEPTH levels; otherwise the reply text, cut to this length.
+MAX_REPLY_CHARS = 4096
+MAX_REPLY_DEPTH = 32
+#: Longest reply detail (status, message, error text) quoted in a message.
+MAX_DETAIL_CHARS = 120
+#: Longest integer accepted in a JSON reply (Python >= 3.11 refuses longer ones by default).
+MAX_INT_DIGITS = 4300
+#: Descriptors one endpoint check holds: the REQ socket's and the two monitor sockets' mailboxes
+#: (eventfd) and the TCP connection.
+FDS_PER_PROBE = 4
+#: Descriptors kept free for everything else (Python, Ansible, libzmq's threads, name look-ups).
+RESERVED_FDS = 48
+#: Largest number of endpoints checked at the same time, even with descriptors to spare.
+MAX_CONCURRENCY = 2048
+#: libzmq I/O threads (TCP and CURVE crypto run there).
+IO_THREADS = 1
+#: Name look-ups run in at most this many threads at once.
+RESOLVER_THREADS = 8
+#: After a connection drops once the handshake succeeded, wait this long for a reply that the
+#: I/O thread may still be delivering before calling the reply lost.
+LOST_GRACE = 0.05
+
+URL_RE = re.compile(r'^tcp://(?P<host>\[[^\[\]]*\]|[^\[\]:/]+):(?P<port>[0-9]{1,5})$')
+IPV4_RE = re.compile(r'^(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}'
+                     r'(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$')
+LABEL_RE = re.compile(r'^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$')
+ZONE_RE = re.compile(r'^[A-Za-z0-9_.-]{1,64}$')
+
+RESOURCE_ERRNOS = frozenset(getattr(errno, name) for name in ('EMFILE', 'ENFILE', 'ENOMEM', 'ENOBUFS', 'EAGAIN')
+                            if hasattr(errno, name))
 
 
 class ConfigError(Exception):
@@ -307,6 +356,16 @@ def _protocol_error_name(value):
     return '0x%x' % value
 
 
+def _monitor_events():
+    """The socket events the probes act on (never MONITOR_STOPPED: see Probe.close)."""
+    mask = 0
+    for name in ('EVENT_CONNECT_DELAYED', 'EVENT_CONNECTED', 'EVENT_CONNECT_RETRIED', 'EVENT_CLOSED',
+                 'EVENT_DISCONNECTED', 'EVENT_HANDSHAKE_FAILED_NO_DETAIL', 'EVENT_HANDSHAKE_FAILED_PROTOCOL',
+                 'EVENT_HANDSHAKE_FAILED_AUTH', 'EVENT_HANDSHAKE_SUCCEEDED'):
+        mask |= getattr(zmq, name, 0) or 0
+    return mask
+
+
 def jmespath_truthy(value):
     """JMESPath truthiness: false, null, '', [] and {} are false; everything else (also 0) is true."""
     if value is None or value is False:
@@ -316,80 +375,438 @@ def jmespath_truthy(value):
     return True
 
 
+# ------------------------------------------------------------------------------------ replies
+def _reject_constant(name):
+    raise ValueError('%s is not standard JSON' % name)
+
+
+def _parse_float(text):
+    value = float(text)
+    if math.isinf(value) or math.isnan(value):
+        raise ValueError('number %s is out of range' % text[:20])
+    return value
+
+
+def _parse_int(text):
+    if len(text) > MAX_INT_DIGITS:
+        raise ValueError('integer with %d digits' % len(text))
+    return int(text)
+
+
+_JSON_DECODER = json.JSONDecoder(parse_float=_parse_float, parse_int=_parse_int, parse_constant=_reject_constant)
+
+
+def short(value, limit=MAX_DETAIL_CHARS):
+    """A one-line text of VALUE of at most about LIMIT characters, for messages."""
+    if not isinstance(value, str):
+        try:
+            value = json.dumps(value, ensure_ascii=False, allow_nan=False)
+        except Exception:
+            value = '<%s>' % type(value).__name__
+    value = ' '.join(value.split())
+    try:
+        value.encode('utf-8')
+    except UnicodeError:
+        value = value.encode('utf-8', 'replace').decode('utf-8')
+    if len(value) > limit:
+        value = value[:limit] + '...'
+    return value
+
+
+def _nesting_deeper_than(data, limit):
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, list):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in value if isinstance(v, (dict, list)))
+    return False
+
+
+def parse_reply(raw):
+    """Return (data, is_json, why_not_json) for the reply bytes RAW; never raises."""
+    try:
+        text = raw.decode('utf-8')
+    except UnicodeError:
+        return raw.decode('utf-8', 'replace'), False, 'not valid UTF-8'
+    try:
+        return _JSON_DECODER.decode(text), True, None
+    except RecursionError:
+        return text, False, 'nested too deeply'
+    except ValueError as e:
+        message = str(e)
+        if 'not standard JSON' in message or 'out of range' in message or 'digits' in message:
+            return text, False, 'not standard JSON: %s' % short(message, 60)
+        return text, False, 'not JSON'
+    except Exception as e:  # defensive: whatever the decoder raises stays this reply's problem
+        return text, False, 'not JSON (%s)' % type(e).__name__
+
+
+def shown_reply(raw, data, is_json):
+    """The reply as it goes into the result: (value, truncated).
+
+    The parsed JSON if it is small and shallow enough, otherwise the reply text cut to MAX_REPLY_CHARS.
+    """
+    if is_json:
+        try:
+            if not _nesting_deeper_than(data, MAX_REPLY_DEPTH):
+                dumped = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(',', ':'))
+                if len(dumped) <= MAX_REPLY_CHARS:
+                    dumped.encode('utf-8')  # refuses lone surrogates
+                    return data, False
+        except Exception:
+            pass
+    text = raw[:4 * MAX_REPLY_CHARS + 4].decode('utf-8', 'replace')
+    truncated = len(text) > MAX_REPLY_CHARS or len(raw) > 4 * MAX_REPLY_CHARS + 4
+    text = text[:MAX_REPLY_CHARS]
+    if _json_len(text) > MAX_REPLY_CHARS + 2:
+        # Quotes, backslashes and control characters grow when the result is serialised: cut more.
+        low, high = 0, len(text)
+        while low < high:
+            middle = (low + high + 1) // 2
+            if _json_len(text[:middle]) <= MAX_REPLY_CHARS + 2:
+                low = middle
+            else:
+                high = middle - 1
+        text = text[:low]
+        truncated = True
+    return text, truncated
+
+
+def _json_len(text):
+    return len(json.dumps(text, ensure_ascii=False))
+
+
+# ------------------------------------------------------------------------------------ targets
 class Target(object):
     """A validated endpoint."""
 
-    def __init__(self, index, name, url, ipv6, request_bytes, expect_text, expect, server_key):
+    __slots__ = ('index', 'name', 'url', 'host', 'port', 'host_kind', 'request_bytes', 'expect_text', 'expect',
+                 'server_key')
+
+    def __init__(self, index, name, url, host, port, host_kind, request_bytes, expect_text, expect, server_key):
         self.index = index
         self.name = name
         self.url = url
-        self.ipv6 = ipv6
+        self.host = host
+        self.port = port
+        self.host_kind = host_kind
         self.request_bytes = request_bytes
         self.expect_text = expect_text
         self.expect = expect
         self.server_key = server_key
 
 
+def check_host(host):
+    """Return 'ipv4', 'ipv6' (bracketed) or 'name' for HOST, or raise ValueError saying why it is invalid."""
+    if host.startswith('['):
+        inner = host[1:-1]
+        address, percent, zone = inner.partition('%')
+        if percent and not ZONE_RE.match(zone):
+            raise ValueError('the IPv6 zone %r is not valid' % zone)
+        try:
+            socket.inet_pton(socket.AF_INET6, address)
+        except (OSError, ValueError):
+            raise ValueError('%s is not a bracketed IPv6 address' % host)
+        return 'ipv6'
+    if IPV4_RE.match(host):
+        return 'ipv4'
+    name = host[:-1] if host.endswith('.') else host
+    if not name or len(name) > 253:
+        raise ValueError('a host name has 1 to 253 characters')
+    labels = name.split('.')
+    for label in labels:
+        if not LABEL_RE.match(label):
+            raise ValueError('%r is not a valid host name (labels of 1-63 letters, digits, "-" or "_", '
+                             'not starting or ending with "-")' % host)
+    if labels[-1].isdigit():
+        raise ValueError('%r is neither an IPv4 address (four numbers 0-255) nor a host name' % host)
+    return 'name'
+
+
+class Resolver(object):
+    """Resolves host names in daemon threads.
+
+    libzmq would resolve names in its I/O thread, where a slow DNS server stalls every other
+    endpoint and even the context's termination. Here a look-up that does not finish before the
+    deadline is abandoned (the daemon thread ends with the process).
+    """
+
+    def __init__(self, max_threads=RESOLVER_THREADS):
+        self._lock = threading.Lock()
+        self._queue = collections.deque()
+        self._results = {}
+        self._pending = set()
+        self._threads = 0
+        self._max_threads = max_threads
+
+    def request(self, host):
+        with self._lock:
+            if host in self._results or host in self._pending:
+                return
+            self._pending.add(host)
+            self._queue.append(host)
+            if self._threads >= self._max_threads:
+                return
+            self._threads += 1
+        thread = threading.Thread(target=self._work, name='zmq-health-resolver')
+        thread.daemon = True
+        thread.start()
+
+    def result(self, host):
+        """(address, ipv6, error) once HOST is resolved (address None on failure), else None."""
+        with self._lock:
+            return self._results.get(host)
+
+    def forget(self, host):
+        with self._lock:
+            self._results.pop(host, None)
+
+    def _work(self):
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._threads -= 1
+                    return
+                host = self._queue.popleft()
+            result = self.resolve(host)
+            with self._lock:
+                self._results[host] = result
+                self._pending.discard(host)
+
+    @staticmethod
+    def resolve(host):
+        try:
+            infos = socket.getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            return None, False, e.strerror or str(e)
+        except Exception as e:  # UnicodeError for an over-long label, ...
+            return None, False, short(str(e) or type(e).__name__)
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for info in infos:
+                if info[0] == family:
+                    return info[4][0], family == socket.AF_INET6, None
+        return None, False, 'no IPv4 or IPv6 address'
+
+
+# ------------------------------------------------------------------------------------ descriptors
+def count_open_fds():
+    """Descriptors open in this process, or None if the platform cannot tell."""
+    for path in ('/proc/self/fd', '/dev/fd'):
+        try:
+            return len(os.listdir(path))
+        except OSError:
+            continue
+    return None
+
+
+class FdBudget(object):
+    """Keeps the descriptors of the probes in flight under RLIMIT_NOFILE.
+
+    The soft limit is raised towards the hard limit as far as the endpoints need (restored at the end).
+    ``cap`` is how many probes may run at once. ``free_slots`` counts the descriptors really in use
+    when the estimate comes near the limit, because closed sockets release theirs asynchronously.
+    """
+
+    def __init__(self, endpoints):
+        self.saved = None
+        self.limit = None
+        used = count_open_fds()
+        self.counted = used is not None
+        self.base = used if used is not None else 64
+        if resource is not None:
+            try:
+                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                need = self.base + RESERVED_FDS + FDS_PER_PROBE * min(endpoints, MAX_CONCURRENCY)
+                if soft != resource.RLIM_INFINITY and soft < need and (hard == resource.RLIM_INFINITY
+                                                                     or hard > soft):
+                    new = need if hard == resource.RLIM_INFINITY else min(hard, need)
+                    try:
+                        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+                        self.saved = (soft, hard)
+                    except (ValueError, OSError):
+                        pass
+                    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+                if soft != resource.RLIM_INFINITY:
+                    self.limit = soft
+            except (ValueError, OSError):
+                self.limit = None
+        if self.limit is None:
+            self.cap = min(endpoints, MAX_CONCURRENCY)
+        else:
+            self.cap = max(1, min(endpoints, MAX_CONCURRENCY,
+                                  (self.limit - self.base - RESERVED_FDS) // FDS_PER_PROBE))
+        self.estimate = self.base
+        self.refill = max(1, min(64, self.cap // 8))
+
+    def free_slots(self, inflight, wanted):
+        """How many more probes may start now (at most WANTED)."""
+        if self.limit is None:
+            return wanted
+        if self.estimate + FDS_PER_PROBE * wanted + RESERVED_FDS <= self.limit:
+            return wanted
+        used = count_open_fds()
+        if used is None:
+            used = self.base + FDS_PER_PROBE * inflight
+        # An in-flight probe may still open its TCP connection (the I/O thread does that later).
+        self.estimate = used + inflight
+        return max(0, min(wanted, (self.limit - RESERVED_FDS - self.estimate) // FDS_PER_PROBE))
+
+    def started(self):
+        self.estimate += FDS_PER_PROBE
+
+    def under_pressure(self):
+        """True if this process is about out of descriptors right now."""
+        if self.limit is None:
+            return False
+        used = count_open_fds()
+        return used is None or used + 2 * FDS_PER_PROBE >= self.limit
+
+    def restore(self):
+        if self.saved is not None:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, self.saved)
+            except (ValueError, OSError):
+                pass
+            self.saved = None
+
+    def describe(self):
+        if self.limit is None:
+            return 'at most %d endpoints are checked at once' % self.cap
+        return ('at most %d endpoints are checked at once: %d descriptors each, open-file limit (RLIMIT_NOFILE) %d'
+                % (self.cap, FDS_PER_PROBE, self.limit))
+
+
+class FdPoller(object):
+    """epoll (or poll) over the ZMQ_FD descriptors of the sockets.
+
+    zmq.Poller would call zmq_poll over every socket in flight on each wake-up, which costs a
+    system call per idle socket; with hundreds of probes in flight that dominates. ZMQ_FD is
+    readable when the socket has unprocessed commands; after it fires, and once after any
+    send/recv, the socket's ZMQ_EVENTS tells whether a message can be received.
+    """
+
+    def __init__(self):
+        self._epoll = hasattr(select, 'epoll')
+        self._poller = select.epoll() if self._epoll else select.poll()
+        self._flag = select.EPOLLIN if self._epoll else select.POLLIN
+
+    def register(self, fd):
+        self._poller.register(fd, self._flag)
+
+    def unregister(self, fd):
+        try:
+            self._poller.unregister(fd)
+        except (KeyError, OSError, ValueError):
+            pass
+
+    def poll(self, timeout):
+        if self._epoll:
+            return self._poller.poll(timeout)
+        return self._poller.poll(int(math.ceil(timeout * 1000.0)))
+
+    def close(self):
+        if self._epoll:
+            self._poller.close()
+
+
+# ------------------------------------------------------------------------------------ probes
 class Probe(object):
     """One attempt against one endpoint: a REQ socket plus its monitor socket."""
 
-    def __init__(self, target, keys, timeout, allow_degraded):
+    __slots__ = ('target', 'check', 'curve', 'sock', 'monitor', 'monitoring', 'fds', 't0', 'deadline', 'cut_short',
+                 'done', 'state', 'message', 'reply', 'truncated', 'latency_ms', 'tcp_attempted', 'connected',
+                 'handshake_ok', 'lost_at')
+
+    def __init__(self, target, check):
         self.target = target
-        self.keys = keys
-        self.curve = keys is not None
-        self.timeout = timeout
-        self.allow_degraded = allow_degraded
+        self.check = check
+        self.curve = check.keys is not None
         self.sock = None
         self.monitor = None
+        self.monitoring = False
+        self.fds = ()
         self.t0 = None
         self.deadline = None
+        self.cut_short = False
         self.done = False
         self.state = None
         self.message = None
         self.reply = None
+        self.truncated = False
         self.latency_ms = None
         self.tcp_attempted = False
         self.connected = False
         self.handshake_ok = False
-        self.lost_after_handshake = False
+        self.lost_at = None
 
-    def start(self, ctx):
-        sock = ctx.socket(zmq.REQ)
-        self.sock = sock
-        sock.setsockopt(zmq.LINGER, 0)
-        # IMMEDIATE is deliberately not set: a REQ socket with IMMEDIATE has no pipe until the
-        # handshake completed, so the non-blocking send below would fail with EAGAIN. Without it the
-        # request is queued on the pipe created by connect() and sent once the connection is up.
-        if self.target.ipv6:
-            sock.setsockopt(zmq.IPV6, 1)
-        if self.curve:
-            apply_client_curve(sock, self.keys, self.target.server_key)
-        self.monitor = sock.get_monitor_socket()
-        sock.connect(self.target.url)
-        sock.send(self.target.request_bytes, zmq.NOBLOCK)
+    def start(self, ctx, connect_url, ipv6, seq):
+        """Create the sockets, connect and queue the request. On any error everything is closed again."""
+        check = self.check
+        try:
+            sock = self.sock = ctx.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, check.max_frame_size)
+            # IMMEDIATE is deliberately not set: a REQ socket with IMMEDIATE has no pipe until the
+            # handshake completed, so the non-blocking send below would fail with EAGAIN. Without it the
+            # request is queued on the pipe created by connect() and sent once the connection is up.
+            if ipv6:
+                sock.setsockopt(zmq.IPV6, 1)
+            if self.curve:
+                apply_client_curve(sock, check.keys, self.target.server_key)
+            # A unique address: pyzmq's get_monitor_socket() derives it from the descriptor number,
+            # which a new socket reuses while the old endpoint may still be registered.
+            address = 'inproc://zmq-health-monitor-%d' % seq
+            sock.monitor(address, check.monitor_events)
+            self.monitoring = True
+            monitor = self.monitor = ctx.socket(zmq.PAIR)
+            monitor.setsockopt(zmq.LINGER, 0)
+            # No high-water mark: libzmq's I/O thread blocks when it cannot queue a monitor event.
+            monitor.setsockopt(zmq.RCVHWM, 0)
+            monitor.connect(address)
+            sock.connect(connect_url)
+            sock.send(self.target.request_bytes, zmq.NOBLOCK)
+            self.fds = (sock.getsockopt(zmq.FD), monitor.getsockopt(zmq.FD))
+        except Exception:
+            self.close()
+            raise
         self.t0 = time.monotonic()
-        self.deadline = self.t0 + self.timeout
+        deadline = self.t0 + check.timeout
+        if deadline > check.hard_deadline:
+            # Mention it only when the attempt really lost time (it waited for a free slot or a retry).
+            self.cut_short = deadline - check.hard_deadline > max(0.05, 0.05 * check.timeout)
+            deadline = check.hard_deadline
+        self.deadline = deadline
 
     # -- classification -------------------------------------------------------------------
-    def finish(self, state, message=None, reply=None):
+    def finish(self, state, message=None, reply=None, truncated=False):
         if self.done:
             return
         self.done = True
         self.state = state
         self.message = message
         self.reply = reply
+        self.truncated = truncated
         self.latency_ms = round((time.monotonic() - self.t0) * 1000.0, 1)
+        self.check.finished.append(self)
 
     def passes(self):
-        return self.state == HEALTHY or (self.state == DEGRADED and self.allow_degraded)
+        return self.state == HEALTHY or (self.state == DEGRADED and self.check.allow_degraded)
 
     def on_monitor(self):
+        """Drain the monitor socket; classify as soon as an event says how the attempt ended."""
         while not self.done:
             try:
-                msg = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+                frames = self.monitor.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._on_event(int(msg['event']), int(msg['value']))
+            if not frames or len(frames[0]) < 6:
+                continue
+            event, value = struct.unpack('=Hi', frames[0][:6])
+            self._on_event(event, value)
 
     def _on_event(self, event, value):
         if event == _event('EVENT_CONNECT_DELAYED'):
@@ -427,73 +844,109 @@ class Probe(object):
                 self.finish(AUTH_FAILED, 'the server closed the connection during the ZMTP handshake '
                                          '(it requires CURVE, or it is not a ZeroMQ endpoint)')
         elif event == _event('EVENT_DISCONNECTED'):
-            self.lost_after_handshake = True
+            # After the handshake: the server closed the connection, or libzmq dropped it because
+            # the reply is larger than MAXMSGSIZE or malformed. A reply that arrived just before is
+            # still being delivered, so give it a moment (see on_deadline).
+            if self.lost_at is None:
+                self.lost_at = time.monotonic()
+                self.check.push_deadline(self, self.lost_at + LOST_GRACE)
         elif event in (_event('EVENT_CLOSED'), _event('EVENT_CONNECT_RETRIED')) and not self.connected:
-            if self.tcp_attempted:
-                self.finish(REFUSED, 'connection refused or host unreachable')
-            else:
-                self.finish(REFUSED, 'could not connect (host name not resolvable?)')
+            if not self.tcp_attempted and self.check.budget.under_pressure():
+                # The I/O thread could not even create the TCP socket (out of descriptors); libzmq
+                # retries by itself. Never report our own limits as the endpoint's refusal.
+                return
+            self.finish(REFUSED, 'connection refused or host unreachable')
 
     def on_reply(self):
         try:
             frames = self.sock.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             return
-        self.finish_with_reply(frames[0] if frames else b'')
+        except zmq.ZMQError as e:
+            self.finish(BAD_REPLY, 'cannot receive the reply: %s' % short(str(e)))
+            return
+        self.finish_with_reply(frames)
 
-    def finish_with_reply(self, raw):
-        text = raw.decode('utf-8', 'replace')
-        try:
-            data = json.loads(text)
-            is_json = True
-        except ValueError:
-            data = text
-            is_json = False
-        shown = data if is_json else text[:MAX_REPLY_CHARS]
+    def finish_with_reply(self, frames):
+        check = self.check
+        target = self.target
+        size = sum(len(f) for f in frames)
+        raw = frames[0] if frames else b''
+        if size > check.max_reply_size:
+            shown, truncated = shown_reply(raw, None, False)
+            self.finish(BAD_REPLY, 'the reply has %d bytes, more than max_reply_size (%d)'
+                        % (size, check.max_reply_size), reply=shown, truncated=truncated)
+            return
+        data, is_json, why = parse_reply(raw)
+        shown, truncated = shown_reply(raw, data, is_json)
         if is_json and isinstance(data, dict) and data.get('status') == DEGRADED:
             detail = data.get('message')
-            self.finish(DEGRADED, 'the server reports status degraded' + (': %s' % detail if detail else ''),
-                        reply=shown)
+            self.finish(DEGRADED, 'the server reports status degraded' + (': %s' % short(detail) if detail else ''),
+                        reply=shown, truncated=truncated)
             return
         try:
-            value = self.target.expect.search(data)
-        except jmespath.exceptions.JMESPathError as e:
-            self.finish(BAD_REPLY, 'expect %r could not be evaluated on the reply: %s'
-                        % (self.target.expect_text, e), reply=shown)
+            ok = jmespath_truthy(target.expect.search(data))
+        except Exception as e:  # JMESPathError, ValueError ('[::0]'), RecursionError, TypeError, ...
+            self.finish(BAD_REPLY, 'expect %s could not be evaluated on the reply: %s: %s'
+                        % (short(target.expect_text, 80), type(e).__name__, short(str(e), 80)),
+                        reply=shown, truncated=truncated)
             return
-        if jmespath_truthy(value):
-            self.finish(HEALTHY, None, reply=shown)
+        if ok:
+            self.finish(HEALTHY, None, reply=shown, truncated=truncated)
         elif not is_json:
-            self.finish(BAD_REPLY, 'reply is not JSON and expect %r is false on the raw reply %r'
-                        % (self.target.expect_text, text[:80]), reply=shown)
+            if not raw:
+                what = 'the reply is empty'
+            else:
+                what = 'the reply is %s' % why
+            self.finish(BAD_REPLY, '%s and expect %s is false on the raw reply %s'
+                        % (what, short(target.expect_text, 80), short(shown if isinstance(shown, str)
+                                                                      else '', 60)),
+                        reply=shown, truncated=truncated)
         else:
             detail = ''
             if isinstance(data, dict):
-                parts = ['%s: %r' % (k, data[k]) for k in ('status', 'message') if k in data]
+                parts = ['%s: %s' % (k, short(data[k], 60)) for k in ('status', 'message') if k in data]
                 detail = ' (%s)' % ', '.join(parts) if parts else ''
-            self.finish(BAD_REPLY, 'expect %r is false on the reply%s' % (self.target.expect_text, detail),
-                        reply=shown)
+            self.finish(BAD_REPLY, 'expect %s is false on the reply%s' % (short(target.expect_text, 80), detail),
+                        reply=shown, truncated=truncated)
+
+    def on_deadline(self, now):
+        """Called when one of this probe's deadlines passed."""
+        if self.done:
+            return
+        if self.lost_at is not None and now >= self.lost_at + LOST_GRACE:
+            self.finish(BAD_REPLY, 'the connection was closed after the handshake without a complete reply '
+                                   '(a reply larger than max_reply_size (%d bytes), a malformed message, or the '
+                                   'server closed the connection)' % self.check.max_reply_size)
+        elif now >= self.deadline:
+            self.on_timeout()
 
     def on_timeout(self):
-        if self.handshake_ok:
-            if self.lost_after_handshake:
-                msg = 'connection lost after the handshake; no reply within %gs' % self.timeout
-            else:
-                msg = 'connected, but no reply within %gs' % self.timeout
-        elif self.connected:
-            msg = 'TCP connected, but the ZMTP%s handshake did not complete within %gs' % (
-                '/CURVE' if self.curve else '', self.timeout)
+        waited = self.deadline - self.t0
+        if self.cut_short:
+            within = 'before the overall deadline (this attempt started late and had only %.3gs)' % waited
         else:
-            msg = 'no TCP connection within %gs' % self.timeout
+            within = 'within %gs' % self.check.timeout
+        if self.handshake_ok:
+            msg = 'connected, but no reply %s' % within
+        elif self.connected:
+            msg = 'TCP connected, but the ZMTP%s handshake did not complete %s' % (
+                '/CURVE' if self.curve else '', within)
+        else:
+            msg = 'no TCP connection %s' % within
         self.finish(TIMEOUT, msg)
 
     def close(self):
-        for sock in (self.sock,):
-            if sock is not None:
-                try:
-                    sock.disable_monitor()
-                except Exception:
-                    pass
+        # Stop the monitor while its PAIR socket is still connected, and never ask for the
+        # MONITOR_STOPPED event: libzmq sends monitor events with a blocking send, which hangs when
+        # the receiving PAIR socket is gone (issue 12: disable_monitor() after a failed
+        # get_monitor_socket() blocked forever). Once stopped, teardown events are dropped.
+        if self.sock is not None and self.monitoring:
+            try:
+                self.sock.monitor(None, 0)
+            except Exception:
+                pass
+        self.monitoring = False
         for sock in (self.monitor, self.sock):
             if sock is not None:
                 try:
@@ -504,92 +957,255 @@ class Probe(object):
 
     def result(self, attempts):
         return dict(name=self.target.name, url=self.target.url, state=self.state, healthy=self.passes(),
-                    latency_ms=self.latency_ms, reply=self.reply, message=self.message, attempts=attempts)
+                    latency_ms=self.latency_ms, reply=self.reply, reply_truncated=self.truncated,
+                    message=self.message, attempts=attempts)
+
+
+def _plain_result(target, state, message, attempts):
+    return dict(name=target.name, url=target.url, state=state, healthy=False, latency_ms=None, reply=None,
+                reply_truncated=False, message=message, attempts=attempts)
+
+
+class HealthCheck(object):
+    """Checks all targets with as many probes in flight as the descriptor budget allows.
+
+    Every call ends by ``hard_deadline`` = start + wait_timeout + timeout: a probe never waits past
+    it, nothing new starts after it, and whatever is left is reported as ``timeout``.
+    """
+
+    def __init__(self, targets, keys, timeout, wait_timeout=0.0, allow_degraded=False,
+                 max_reply_size=DEFAULT_MAX_REPLY_SIZE, retry_interval=RETRY_INTERVAL, resolver=None):
+        self.targets = targets
+        self.keys = keys
+        self.timeout = timeout
+        self.wait_timeout = max(0.0, wait_timeout)
+        self.allow_degraded = allow_degraded
+        self.max_reply_size = max_reply_size
+        self.max_frame_size = max_reply_size + (CURVE_FRAME_OVERHEAD if keys is not None else 0)
+        self.retry_interval = retry_interval
+        self.resolver = resolver or Resolver()
+        self.monitor_events = _monitor_events()
+        self.finished = []
+        self.results = [None] * len(targets)
+        self.attempts = [0] * len(targets)
+        self.concurrency = 0
+        self.budget = None
+        self._deadlines = []  # heap of (time, seq, probe)
+        self._seq = 0
+
+    def push_deadline(self, probe, when):
+        self._seq += 1
+        heapq.heappush(self._deadlines, (when, self._seq, probe))
+
+    # -- main loop ------------------------------------------------------------------------
+    def run(self):
+        start = time.monotonic()
+        self.wait_deadline = start + self.wait_timeout
+        self.hard_deadline = start + self.wait_timeout + self.timeout
+        self.budget = budget = FdBudget(len(self.targets))
+        first = collections.deque()   # targets whose first attempt has not started
+        retry = collections.deque()   # targets due for another attempt
+        retry_at = []                 # heap of (time, index, target)
+        dns_wait = {}                 # host -> [(target, is_retry)]
+        addresses = {}                # host -> (address, ipv6)
+        probes = {}                   # fd -> (probe, is_monitor)
+        inflight = 0
+        backoff_until = 0.0
+        ctx = None
+        poller = None
+
+        def enqueue(target, is_retry):
+            if target.host_kind == 'name' and target.host not in addresses:
+                dns_wait.setdefault(target.host, []).append((target, is_retry))
+                self.resolver.request(target.host)
+            else:
+                (retry if is_retry else first).append(target)
+
+        try:
+            ctx = zmq.Context(io_threads=IO_THREADS)
+            # The context's own socket limit (default 1023): zmq_ctx_set, before the first socket.
+            # Three sockets per probe, and closed sockets keep their slot until libzmq reaps them.
+            limit = 6 * budget.cap + 64
+            try:
+                limit = min(limit, ctx.get(zmq.SOCKET_LIMIT))
+            except zmq.ZMQError:
+                pass
+            ctx.set(zmq.MAX_SOCKETS, max(1024, limit))
+            poller = FdPoller()
+            for target in self.targets:
+                enqueue(target, False)
+
+            while True:
+                now = time.monotonic()
+                if now >= self.hard_deadline:
+                    break
+
+                # name look-ups that finished
+                for host in [h for h in dns_wait if self.resolver.result(h) is not None]:
+                    address, ipv6, error = self.resolver.result(host)
+                    waiting = dns_wait.pop(host)
+                    if address is not None:
+                        addresses[host] = (address, ipv6)
+                        for target, is_retry in waiting:
+                            (retry if is_retry else first).append(target)
+                        continue
+                    self.resolver.forget(host)  # look it up again on the next attempt
+                    for target, _is_retry in waiting:
+                        self.attempts[target.index] += 1
+                        self.results[target.index] = _plain_result(
+                            target, REFUSED, 'cannot resolve host name %s: %s' % (short(target.host, 80), error),
+                            self.attempts[target.index])
+                        self._schedule_retry(target, now, retry_at)
+
+                while retry_at and retry_at[0][0] <= now:
+                    enqueue(heapq.heappop(retry_at)[2], True)
+
+                # start probes, first attempts before retries, within the descriptor budget
+                queued = len(first) + len(retry)
+                free = budget.cap - inflight
+                if queued and free > 0 and now >= backoff_until and (
+                        inflight == 0 or free >= budget.refill or free >= queued):
+                    slots = budget.free_slots(inflight, min(free, queued))
+                    if slots == 0:
+                        backoff_until = now + 0.005
+                    while slots > 0 and (first or retry):
+                        is_retry = not first
+                        target = first.popleft() if first else retry.popleft()
+                        if is_retry and now >= self.wait_deadline:
+                            continue  # too late for another attempt; the last result stands
+                        host = addresses.get(target.host)
+                        if target.host_kind == 'name':
+                            connect_url = ('tcp://[%s]:%d' if host[1] else 'tcp://%s:%d') % (host[0], target.port)
+                            ipv6 = host[1]
+                        else:
+                            connect_url, ipv6 = target.url, target.host_kind == 'ipv6'
+                        probe = Probe(target, self)
+                        self._seq += 1
+                        try:
+                            probe.start(ctx, connect_url, ipv6, self._seq)
+                        except Exception as e:
+                            if isinstance(e, zmq.ZMQError) and e.errno in RESOURCE_ERRNOS:
+                                # Out of descriptors or sockets: try again when probes have finished.
+                                (retry if is_retry else first).appendleft(target)
+                                backoff_until = time.monotonic() + 0.005
+                                break
+                            self.attempts[target.index] += 1
+                            self.results[target.index] = _plain_result(
+                                target, REFUSED, 'cannot connect: %s' % short(str(e)), self.attempts[target.index])
+                            self._schedule_retry(target, now, retry_at)
+                            continue
+                        slots -= 1
+                        budget.started()
+                        self.attempts[target.index] += 1
+                        inflight += 1
+                        self.concurrency = max(self.concurrency, inflight)
+                        for fd, is_monitor in zip(probe.fds, (False, True)):
+                            probes[fd] = (probe, is_monitor)
+                            poller.register(fd)
+                        self.push_deadline(probe, probe.deadline)
+                        # Arm both sockets: ZMQ_FD only signals new activity after ZMQ_EVENTS was read.
+                        self._safely(probe, probe.on_monitor)
+                        if not probe.done and probe.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                            self._safely(probe, probe.on_reply)
+
+                if not (inflight or first or retry or retry_at or dns_wait or self.finished):
+                    break
+
+                # wait for activity, the next deadline or the next retry
+                wake = self.hard_deadline
+                if self._deadlines:
+                    wake = min(wake, self._deadlines[0][0])
+                if retry_at:
+                    wake = min(wake, retry_at[0][0])
+                if (first or retry) and backoff_until > now:
+                    wake = min(wake, backoff_until)
+                if dns_wait:
+                    wake = min(wake, now + 0.01)
+                if self.finished:
+                    wake = now
+                timeout = max(0.0, wake - time.monotonic())
+                if inflight:
+                    for fd, _ev in poller.poll(timeout):
+                        entry = probes.get(fd)
+                        if entry is None or entry[0].done:
+                            continue
+                        probe, is_monitor = entry
+                        if is_monitor:
+                            self._safely(probe, probe.on_monitor)
+                        elif probe.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                            self._safely(probe, probe.on_reply)
+                elif timeout > 0:
+                    time.sleep(timeout)
+
+                now = time.monotonic()
+                while self._deadlines and self._deadlines[0][0] <= now:
+                    _when, _seq, probe = heapq.heappop(self._deadlines)
+                    self._safely(probe, lambda p=probe: p.on_deadline(now))
+
+                for probe in self.finished:
+                    for fd in probe.fds:
+                        probes.pop(fd, None)
+                        poller.unregister(fd)
+                    probe.close()
+                    inflight -= 1
+                    index = probe.target.index
+                    self.results[index] = probe.result(self.attempts[index])
+                    if not probe.passes():
+                        self._schedule_retry(probe.target, now, retry_at)
+                self.finished = []
+
+            # The deadline passed (or all is done): whatever is left becomes 'timeout'.
+            for probe, is_monitor in list(probes.values()):
+                if not is_monitor and not probe.done:
+                    probe.on_timeout()
+            for probe in self.finished:
+                probe.close()
+                index = probe.target.index
+                self.results[index] = probe.result(self.attempts[index])
+            self.finished = []
+            probes = {}
+            for target in list(first) + list(retry) + [t for w in dns_wait.values() for t, _r in w]:
+                if self.results[target.index] is not None:
+                    continue  # a retry that did not start: the last attempt's result stands
+                if target.host_kind == 'name' and target.host not in addresses:
+                    message = ('not checked: host name %s was not resolved before the overall deadline (%gs)'
+                               % (short(target.host, 80), self.wait_timeout + self.timeout))
+                else:
+                    message = ('not checked: no free slot before the overall deadline (%gs); %s'
+                               % (self.wait_timeout + self.timeout, budget.describe()))
+                self.results[target.index] = _plain_result(target, TIMEOUT, message, self.attempts[target.index])
+        finally:
+            for probe, _is_monitor in probes.values():
+                probe.close()
+            if poller is not None:
+                poller.close()
+            if ctx is not None:
+                ctx.destroy(linger=0)
+            budget.restore()
+        return self.results
+
+    def _schedule_retry(self, target, now, retry_at):
+        if self.wait_timeout > 0 and now < self.wait_deadline:
+            heapq.heappush(retry_at, (min(now + self.retry_interval, self.wait_deadline), target.index, target))
+
+    @staticmethod
+    def _safely(probe, handler):
+        """Run a probe's handler; anything it raises ends that probe only."""
+        try:
+            handler()
+        except Exception as e:
+            if not probe.done:
+                if probe.t0 is None:
+                    probe.t0 = time.monotonic()
+                probe.finish(BAD_REPLY, 'error while handling the reply: %s: %s' % (type(e).__name__, short(str(e))))
 
 
 def check_endpoints(targets, keys, timeout, wait_timeout=0.0, allow_degraded=False,
-                    retry_interval=RETRY_INTERVAL):
-    """Check all targets concurrently; return (list of result dicts in input order, max attempts)."""
-    n = len(targets)
-    results = [None] * n
-    attempts = [0] * n
-    start = time.monotonic()
-    wait_deadline = start + max(0.0, wait_timeout)
-    ctx = zmq.Context()
-    active = {}     # socket -> probe (both REQ and monitor sockets)
-    probes = []     # active probes
-    scheduled = [(start, t) for t in targets]
-    poller = zmq.Poller()
-    try:
-        try:
-            ctx.setsockopt(zmq.MAX_SOCKETS, max(1024, 3 * n + 64))
-        except Exception:
-            pass
-        while probes or scheduled:
-            now = time.monotonic()
-            due = [s for s in scheduled if s[0] <= now]
-            if due:
-                scheduled = [s for s in scheduled if s[0] > now]
-                for _at, target in due:
-                    probe = Probe(target, keys, timeout, allow_degraded)
-                    attempts[target.index] += 1
-                    try:
-                        probe.start(ctx)
-                    except zmq.ZMQError as e:
-                        probe.t0 = probe.t0 or time.monotonic()
-                        probe.finish(REFUSED, 'cannot connect: %s' % e)
-                    probes.append(probe)
-                    if not probe.done:
-                        active[probe.sock] = probe
-                        active[probe.monitor] = probe
-                        poller.register(probe.sock, zmq.POLLIN)
-                        poller.register(probe.monitor, zmq.POLLIN)
-
-            # Finished probes are collected at the end of every round, so only probes whose start()
-            # failed can be done here; then do not wait.
-            wakeups = [p.deadline for p in probes if not p.done] + [s[0] for s in scheduled]
-            if any(p.done for p in probes) or not wakeups:
-                wait_ms = 0
-            else:
-                wait_ms = int(math.ceil(max(0.0, min(wakeups) - time.monotonic()) * 1000.0))
-            if active:
-                for sock, _ev in poller.poll(wait_ms):
-                    probe = active.get(sock)
-                    if probe is None or probe.done:
-                        continue
-                    if sock is probe.monitor:
-                        probe.on_monitor()
-                    else:
-                        probe.on_reply()
-            elif wait_ms:
-                time.sleep(wait_ms / 1000.0)  # only retries are scheduled: pause between attempts
-
-            now = time.monotonic()
-            still = []
-            for probe in probes:
-                if not probe.done and now >= probe.deadline:
-                    probe.on_timeout()
-                if not probe.done:
-                    still.append(probe)
-                    continue
-                for sock in (probe.sock, probe.monitor):
-                    if sock is not None:
-                        active.pop(sock, None)
-                        try:
-                            poller.unregister(sock)
-                        except KeyError:
-                            pass
-                probe.close()
-                idx = probe.target.index
-                results[idx] = probe.result(attempts[idx])
-                if not probe.passes() and wait_timeout > 0 and now < wait_deadline:
-                    scheduled.append((min(now + retry_interval, wait_deadline), probe.target))
-            probes = still
-    finally:
-        for probe in probes:
-            probe.close()
-        ctx.destroy(linger=0)
-    return results, max(attempts) if attempts else 0
+                    max_reply_size=DEFAULT_MAX_REPLY_SIZE, retry_interval=RETRY_INTERVAL):
+    """Check all targets; return (result dicts in input order, max attempts, most probes at once)."""
+    check = HealthCheck(targets, keys, timeout, wait_timeout, allow_degraded, max_reply_size, retry_interval)
+    results = check.run()
+    return results, max(check.attempts) if check.attempts else 0, check.concurrency
 
 
 # ------------------------------------------------------------------------------------ options
@@ -598,7 +1214,23 @@ def _encode_request(request):
         return request
     if isinstance(request, str):
         return request.encode('utf-8')
-    return json.dumps(request).encode('utf-8')
+    return json.dumps(request, allow_nan=False).encode('utf-8')
+
+
+def parse_url(url, where):
+    """Return (host, port, host_kind) of a tcp://HOST:PORT url, or raise ConfigError."""
+    match = URL_RE.match(url)
+    if not match:
+        raise ConfigError('%s: url %r must look like tcp://HOST:PORT (IPv6 as tcp://[ADDRESS]:PORT)' % (where, url))
+    port = int(match.group('port'))
+    if not 1 <= port <= 65535:
+        raise ConfigError('%s: url %r has port %d outside 1..65535' % (where, url, port))
+    host = match.group('host')
+    try:
+        kind = check_host(host)
+    except ValueError as e:
+        raise ConfigError('%s: url %r has an invalid host: %s' % (where, url, e))
+    return host, port, kind
 
 
 def build_targets(params):
@@ -626,6 +1258,8 @@ def build_targets(params):
             compiled = jmespath.compile(text)
         except jmespath.exceptions.JMESPathError as e:
             raise ConfigError('%s: invalid JMESPath expression %r: %s' % (where, text, str(e).strip()))
+        except Exception as e:  # the parser is not meant to raise anything else, but stay an argument error
+            raise ConfigError('%s: invalid JMESPath expression %r: %s: %s' % (where, text, type(e).__name__, e))
         expect_cache[text] = compiled
         return compiled
 
@@ -639,12 +1273,7 @@ def build_targets(params):
         if not ep['name']:
             raise ConfigError('endpoint #%d: name must not be empty' % (index + 1))
         url = (ep['url'] or '').strip()
-        match = URL_RE.match(url)
-        if not match:
-            raise ConfigError('%s: url %r must look like tcp://HOST:PORT' % (where, ep['url']))
-        port = int(match.group('port'))
-        if not 1 <= port <= 65535:
-            raise ConfigError('%s: url %r has port %d outside 1..65535' % (where, url, port))
+        host, port, kind = parse_url(url, where)
         expect_text = ep.get('expect') if ep.get('expect') is not None else default_expect_text
         expect = compile_expect(expect_text, '%s, option expect' % where)
         request = ep.get('request') if ep.get('request') is not None else default_request
@@ -658,8 +1287,8 @@ def build_targets(params):
                 server_key = validate_z85_key(ep['server_public_key'], '%s: server_public_key' % where)
             except CurveKeyError as e:
                 raise ConfigError(str(e))
-        targets.append(Target(index, ep['name'], url, match.group('host').startswith('['),
-                              request_bytes, expect_text, expect, server_key))
+        targets.append(Target(index, ep['name'], url, host, port, kind, request_bytes, expect_text, expect,
+                              server_key))
     return targets
 
 
@@ -692,6 +1321,21 @@ def build_keys(params, targets):
     return keys
 
 
+def check_numbers(params):
+    """Validate the numeric options; raise ConfigError."""
+    timeout = params['timeout']
+    if not (0.0 < timeout <= MAX_TIMEOUT):  # also false for NaN
+        raise ConfigError('timeout must be a finite number of seconds greater than 0 and at most %g (got %s)'
+                          % (MAX_TIMEOUT, timeout))
+    wait_timeout = params['wait_timeout']
+    if not (0.0 <= wait_timeout <= MAX_TIMEOUT):
+        raise ConfigError('wait_timeout must be a finite number of seconds from 0 to %g (got %s)'
+                          % (MAX_TIMEOUT, wait_timeout))
+    size = params['max_reply_size']
+    if not (1 <= size <= MAX_MAX_REPLY_SIZE):
+        raise ConfigError('max_reply_size must be from 1 to %d bytes (got %s)' % (MAX_MAX_REPLY_SIZE, size))
+
+
 def summarize(results):
     bad = [r for r in results if not r['healthy']]
     total = len(results)
@@ -714,6 +1358,7 @@ def main():
             )),
             timeout=dict(type='float', default=3.0),
             wait_timeout=dict(type='float', default=0.0),
+            max_reply_size=dict(type='int', default=DEFAULT_MAX_REPLY_SIZE),
             fail_on_unhealthy=dict(type='bool', default=True),
             allow_degraded=dict(type='bool', default=False),
             request=dict(type='raw', default=DEFAULT_REQUEST),
@@ -739,12 +1384,8 @@ def main():
         module.fail_json(msg=missing_required_lib('jmespath (python3-jmespath)'), exception=JMESPATH_IMPORT_ERROR)
 
     p = module.params
-    if p['timeout'] <= 0:
-        module.fail_json(msg='timeout must be greater than 0 (got %s)' % p['timeout'])
-    if p['wait_timeout'] < 0:
-        module.fail_json(msg='wait_timeout must not be negative (got %s)' % p['wait_timeout'])
-
     try:
+        check_numbers(p)
         targets = build_targets(p)
         keys = build_keys(p, targets)
     except (ConfigError, CurveKeyError) as e:
@@ -754,8 +1395,10 @@ def main():
         module.no_log_values.add(keys.secret_key.decode('ascii'))
 
     try:
-        results, attempts = check_endpoints(targets, keys, p['timeout'], p['wait_timeout'], p['allow_degraded'])
+        results, attempts, concurrency = check_endpoints(
+            targets, keys, p['timeout'], p['wait_timeout'], p['allow_degraded'], p['max_reply_size'])
     except zmq.ZMQError as e:
+        # Only the context itself can fail here (for example no descriptor left for its threads).
         module.fail_json(msg='ZeroMQ error while checking endpoints: %s' % e)
 
     healthy_count = sum(1 for r in results if r['healthy'])
@@ -766,6 +1409,7 @@ def main():
         healthy_count=healthy_count,
         unhealthy_count=unhealthy_count,
         attempts=attempts,
+        concurrency=concurrency,
         msg=summarize(results),
         elapsed_ms=round((time.monotonic() - started) * 1000.0, 1),
     )

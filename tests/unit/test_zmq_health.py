@@ -8,8 +8,10 @@ zmq_curve_keypair module, a real ThreadAuthenticator; no mocks of zmq.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +21,7 @@ import pytest
 import zmq
 import zmq.auth
 
-from conftest import LIBRARY_DIR, MODULE_UTILS_DIR, free_tcp_port, load_library_module, run_module
+from conftest import LIBRARY_DIR, MODULE_UTILS_DIR, REPO_ROOT, free_tcp_port, load_library_module, run_module
 
 MODULE = 'zmq_health'
 OK = {'status': 'ok', 'ready': True, 'initialized': True}
@@ -313,7 +315,7 @@ def test_secret_never_in_results(curve_server, certdir, rogue_dir):
     (dict(server_public_key='a' * 40, endpoints=[ep('a', 'tcp://127.0.0.1:1')]), 'client_public_key'),
     (dict(endpoints=[ep('k', 'tcp://127.0.0.1:1', server_public_key='a' * 40)]), 'no client keys'),
     (dict(certificates_dir='/nonexistent/certs', endpoints=[ep('a', 'tcp://127.0.0.1:1')]), 'does not exist'),
-    (dict(timeout=0, endpoints=[ep('a', 'tcp://127.0.0.1:1')]), 'timeout must be greater than 0'),
+    (dict(timeout=0, endpoints=[ep('a', 'tcp://127.0.0.1:1')]), 'timeout must be a finite number of seconds greater than 0'),
 ])
 def test_invalid_input(args, fragment):
     t0 = time.monotonic()
@@ -395,3 +397,436 @@ def test_runs_under_the_ansible_cli(tmp_path, rep_server):
     result, _end = json.JSONDecoder().raw_decode(out[out.index('{'):])
     assert [e['state'] for e in result['endpoints']] == ['healthy', 'refused']
     assert result['changed'] is False and result['elapsed_ms'] > 0
+
+
+# ==================================================================================== issue 12
+# zmq_health at thousands of endpoints and against hostile replies.
+
+class Farm(object):
+    """COUNT REP sockets on 127.0.0.1, served by one thread with one context.
+
+    ``replies(index, request_bytes)`` gives the reply of socket INDEX: bytes or str (one frame), a
+    list of bytes (several frames), a dict or list (sent as JSON), or None (never answer).
+    ``curve_keys`` = (public, secret) of the server; ``auth_location`` adds a ThreadAuthenticator.
+    """
+
+    def __init__(self, count, replies, curve_keys=None, auth_location=None):
+        self.count = count
+        self.replies = replies
+        self.curve_keys = curve_keys
+        self.auth_location = auth_location
+        self.ports = []
+        self.requests = 0
+        self.errors = []
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self.ctx = zmq.Context()
+        self.auth = None
+        self.thread = threading.Thread(target=self._serve, name='rep-farm', daemon=True)
+
+    @property
+    def urls(self):
+        return ['tcp://127.0.0.1:%d' % p for p in self.ports]
+
+    def start(self):
+        if self.auth_location is not None:
+            from zmq.auth.thread import ThreadAuthenticator
+            self.auth = ThreadAuthenticator(self.ctx)
+            self.auth.start()
+            self.auth.configure_curve(domain='*', location=self.auth_location)
+        self.thread.start()
+        if not self._ready.wait(30) or self.errors:
+            raise RuntimeError('REP farm failed to start: %r' % self.errors)
+        return self
+
+    def _serve(self):
+        socks = {}
+        poller = zmq.Poller()
+        try:
+            self.ctx.set(zmq.MAX_SOCKETS, 3 * self.count + 64)
+            for index in range(self.count):
+                s = self.ctx.socket(zmq.REP)
+                s.linger = 0
+                s.sndhwm = 0
+                if self.curve_keys:
+                    s.curve_publickey, s.curve_secretkey = self.curve_keys
+                    s.curve_server = True
+                self.ports.append(s.bind_to_random_port('tcp://127.0.0.1'))
+                socks[s] = index
+                poller.register(s, zmq.POLLIN)
+        except Exception as e:  # pragma: no cover - shows up in start()
+            self.errors.append(e)
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                for s, _ev in poller.poll(50):
+                    request = s.recv()
+                    self.requests += 1
+                    try:
+                        reply = self.replies(socks[s], request)
+                    except Exception as e:  # pragma: no cover - a bug in the test
+                        self.errors.append(e)
+                        reply = b'farm handler error'
+                    if reply is None:
+                        poller.unregister(s)  # silent from now on
+                        continue
+                    if isinstance(reply, str):
+                        reply = reply.encode('utf-8')
+                    elif isinstance(reply, (dict, tuple)) or (isinstance(reply, list) and not all(
+                            isinstance(f, bytes) for f in reply)) or reply == []:
+                        reply = json.dumps(reply).encode('utf-8')
+                    if isinstance(reply, list):
+                        s.send_multipart(reply)
+                    else:
+                        s.send(reply)
+        finally:
+            for s in socks:
+                s.close(0)
+
+    def stop(self):
+        self._stop.set()
+        self.thread.join(10)
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.term()
+
+
+@pytest.fixture
+def farm():
+    """Factory: ``farm(count, replies, curve_keys=None, auth_location=None)`` -> started Farm."""
+    farms = []
+
+    def factory(count, replies, **kw):
+        f = Farm(count, replies, **kw)
+        farms.append(f)
+        return f.start()
+
+    yield factory
+    for f in farms:
+        f.stop()
+
+
+# The module in a child process with RLIMIT_NOFILE set to (SOFT, HARD) before anything is imported
+# (the test process keeps its own limit and serves the endpoints). Prints the result and the wall
+# time of the module call.
+LIMITED_RUNNER = r'''
+import json, os, sys, time
+soft, hard, unit_dir = sys.argv[1], sys.argv[2], sys.argv[3]
+if soft != '-':
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (int(soft), int(hard)))
+sys.path.insert(0, unit_dir)
+from conftest import load_library_module, run_module
+args = json.load(sys.stdin)
+t0 = time.monotonic()
+res = run_module(load_library_module('zmq_health'), args)
+res['_wall_s'] = time.monotonic() - t0
+sys.stdout.write('\nRESULT ' + json.dumps(res, allow_nan=False) + '\n')
+'''
+
+
+def run_in_child(args, soft='-', hard='-', timeout=60):
+    """Run zmq_health in a child process (optionally with RLIMIT_NOFILE (SOFT, HARD)); return its result."""
+    proc = subprocess.run(
+        [sys.executable, '-c', LIMITED_RUNNER, str(soft), str(hard), os.path.dirname(os.path.abspath(__file__))],
+        input=json.dumps(args), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith('RESULT ')][-1]
+    return json.loads(line[len('RESULT '):])
+
+
+def states_of(res):
+    counts = {}
+    for e in res['endpoints']:
+        counts[e['state']] = counts.get(e['state'], 0) + 1
+    return counts
+
+
+def strict_json(value):
+    """json.dumps that refuses NaN and Infinity (standard JSON only)."""
+    return json.dumps(value, allow_nan=False)
+
+
+# ------------------------------------------------------------------------------------ many endpoints
+def test_more_endpoints_than_libzmqs_default_socket_limit(farm):
+    """400 endpoints need 1200 sockets, more than the 1023 a context allows by default.
+
+    Issue 12: ctx.setsockopt(MAX_SOCKETS) only set a default socket option, so above 341 endpoints
+    the rest were reported 'refused' ("Too many open files").
+    """
+    f = farm(400, lambda i, req: OK)
+    res = health(dict(timeout=20, endpoints=[ep('e%03d' % i, u) for i, u in enumerate(f.urls)]))
+    assert states_of(res) == {'healthy': 400}, [e for e in res['endpoints'] if e['state'] != 'healthy'][:3]
+    assert not res.get('failed') and res['concurrency'] == 400
+
+
+@pytest.mark.parametrize('soft, hard, curve', [(256, 256, True), (128, 4096, False)],
+                         ids=['batched-under-256-curve', 'soft-raised-to-hard'])
+def test_descriptor_limit_batches_instead_of_refusing(farm, certdir, soft, hard, curve):
+    """150 endpoints need about 600 descriptors.
+
+    Issue 12: with too few descriptors the module reported 'refused' or hung in disable_monitor().
+    Under a hard limit of 256 the module checks the endpoints in batches; with a soft limit of 128
+    and a hard limit of 4096 it raises the soft limit and checks all at once.
+    """
+    kw = dict(curve_keys=server_keys(certdir), auth_location=certdir) if curve else {}
+    f = farm(150, lambda i, req: OK, **kw)
+    args = dict(timeout=20, endpoints=[ep('e%03d' % i, u) for i, u in enumerate(f.urls)])
+    if curve:
+        args['certificates_dir'] = certdir
+    res = run_in_child(args, soft, hard, timeout=60)
+    assert states_of(res) == {'healthy': 150}, [e for e in res['endpoints'] if e['state'] != 'healthy'][:3]
+    if soft == hard:
+        assert 1 <= res['concurrency'] < 150
+    else:
+        assert res['concurrency'] == 150
+
+
+# ------------------------------------------------------------------------------------ the deadline
+class TcpPeers(object):
+    """Plain TCP listeners on 127.0.0.1 that misbehave for a ZeroMQ client.
+
+    ``mute``: the kernel completes the TCP handshake (listen backlog), nobody ever reads or writes.
+    ``trickle``: accepts and sends one byte of a never-ending greeting every 200 ms.
+    """
+
+    def __init__(self, mute=0, trickle=0):
+        self.listeners = []
+        self.mute_ports = []
+        self.trickle_ports = []
+        for _ in range(mute):
+            s = self._listen()
+            self.mute_ports.append(s.getsockname()[1])
+        self._trickle = []
+        for _ in range(trickle):
+            s = self._listen()
+            s.setblocking(False)
+            self._trickle.append(s)
+            self.trickle_ports.append(s.getsockname()[1])
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _listen(self):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(('127.0.0.1', 0))
+        s.listen(256)
+        self.listeners.append(s)
+        return s
+
+    def _serve(self):
+        conns = []
+        while not self._stop.wait(0.2):
+            for s in self._trickle:
+                try:
+                    while True:
+                        conn, _addr = s.accept()
+                        conns.append(conn)
+                except (BlockingIOError, OSError):
+                    pass
+            for conn in list(conns):
+                try:
+                    conn.send(b'\xff')
+                except OSError:
+                    conns.remove(conn)
+        for conn in conns:
+            conn.close()
+
+    def close(self):
+        self._stop.set()
+        self.thread.join(5)
+        for s in self.listeners:
+            s.close()
+
+
+def test_hard_deadline_whatever_the_peers_do(farm):
+    """No call runs longer than wait_timeout + timeout plus a small constant.
+
+    Peers that never answer, never speak ZMTP, trickle bytes, or refuse, and more endpoints than a
+    hard RLIMIT_NOFILE of 160 lets the module check at once (so some cannot even be started).
+    Endpoints that were never checked are 'timeout' with attempts 0, never 'refused'.
+    """
+    silent = farm(40, lambda i, req: None)
+    peers = TcpPeers(mute=40, trickle=10)
+    try:
+        dead = ['tcp://127.0.0.1:%d' % free_tcp_port() for _ in range(20)]
+        endpoints = ([ep('silent%02d' % i, u) for i, u in enumerate(silent.urls)]
+                     + [ep('mute%02d' % i, 'tcp://127.0.0.1:%d' % p) for i, p in enumerate(peers.mute_ports)]
+                     + [ep('trickle%02d' % i, 'tcp://127.0.0.1:%d' % p) for i, p in enumerate(peers.trickle_ports)]
+                     + [ep('dead%02d' % i, u) for i, u in enumerate(dead)])
+        timeout, wait_timeout = 1.0, 1.0
+        res = run_in_child(dict(timeout=timeout, wait_timeout=wait_timeout, fail_on_unhealthy=False,
+                                endpoints=endpoints), 160, 160, timeout=60)
+    finally:
+        peers.close()
+    bound = timeout + wait_timeout + 1.5  # generous constant for closing sockets and the context
+    print('wall %.2f s, elapsed_ms %.0f, concurrency %d, states %r'
+          % (res['_wall_s'], res['elapsed_ms'], res['concurrency'], states_of(res)))
+    assert res['_wall_s'] <= bound and res['elapsed_ms'] <= bound * 1000
+    assert len(res['endpoints']) == len(endpoints)
+    for e in res['endpoints']:
+        if e['name'].startswith('dead'):
+            assert e['state'] in ('refused', 'timeout'), e
+        else:
+            assert e['state'] == 'timeout', e
+    not_checked = [e for e in res['endpoints'] if e['attempts'] == 0]
+    assert not_checked, 'expected some endpoints the module had no descriptors left for'
+    assert all('not checked' in e['message'] for e in not_checked)
+    strict_json(res)
+
+
+# ------------------------------------------------------------------------------------ hostile replies
+HOSTILE_REPLIES = [
+    # (name, reply, expected state)
+    ('nested-brackets', '[' * 1000 + ']' * 1000, 'bad_reply'),
+    ('nested-objects', '{"a":' * 2000 + '1' + '}' * 2000, 'bad_reply'),
+    ('nan', '{"status": "ok", "load": NaN}', 'bad_reply'),
+    ('infinity', '{"status": "ok", "load": -Infinity}', 'bad_reply'),
+    ('huge-float', '{"status": "ok", "load": 1e999}', 'bad_reply'),
+    ('huge-int', '{"status": "ok", "n": %s}' % ('9' * 5000), 'bad_reply'),
+    ('invalid-utf8', b'{"status": "ok\xff"}', 'bad_reply'),
+    ('random-bytes', bytes(range(256)), 'bad_reply'),
+    ('empty', b'', 'bad_reply'),
+    ('multi-frame', [b'{"status": "ok"}', b'\xff' * 10, b''], 'healthy'),
+    ('big-json', {'status': 'ok', 'blob': 'x' * 20000}, 'healthy'),
+    ('deep-but-valid', {'status': 'ok', 'deep': json.loads('[' * 200 + ']' * 200)}, 'healthy'),
+    ('too-big', b'x' * (1 << 20), 'bad_reply'),
+    ('degraded-long', {'status': 'degraded', 'message': 'm' * 10000}, 'degraded'),
+    ('lone-surrogate', '{"status": "ok", "s": "\\ud800"}', 'healthy'),
+    ('long-status', {'status': 's' * 30000, 'message': ['x'] * 5000}, 'bad_reply'),
+    ('control-chars', '{"status": "ok", "s": "\\u0000\\u001b[31m"}', 'healthy'),
+]
+
+
+def test_hostile_replies_stay_with_their_endpoint(farm, certdir):
+    """Issue 12: a 2 KB reply of nested brackets raised RecursionError and failed the whole call;
+    NaN was passed through as non-standard JSON; a 10 MB reply became a 10 MB task result."""
+    replies = [r for _n, r, _s in HOSTILE_REPLIES] + [OK]
+    f = farm(len(replies), lambda i, req: replies[i], curve_keys=server_keys(certdir), auth_location=certdir)
+    names = [n for n, _r, _s in HOSTILE_REPLIES] + ['control']
+    res = health(dict(certificates_dir=certdir, timeout=10, fail_on_unhealthy=False,
+                      endpoints=[ep(n, u) for n, u in zip(names, f.urls)]))
+    assert 'endpoints' in res, res
+    got = {e['name']: e for e in res['endpoints']}
+    expected = dict((n, s) for n, _r, s in HOSTILE_REPLIES)
+    expected['control'] = 'healthy'
+    assert {n: got[n]['state'] for n in names} == expected
+    dumped = strict_json(res)  # standard JSON only: no NaN or Infinity anywhere
+    assert len(dumped) < 80000
+    for e in res['endpoints']:
+        assert len(json.dumps(e['reply'], ensure_ascii=False)) <= 4098, e['name']
+        assert len(e['message'] or '') <= 600, (e['name'], e['message'])
+    assert got['big-json']['reply_truncated'] is True and len(got['big-json']['reply']) > 4000
+    assert got['control']['reply'] == OK and got['control']['reply_truncated'] is False
+    assert got['deep-but-valid']['reply_truncated'] is False
+    assert got['multi-frame']['reply'] == {'status': 'ok'}
+    assert 'max_reply_size' in got['too-big']['message']
+    assert 'not standard JSON' in got['nan']['message']
+    assert 'not valid UTF-8' in got['invalid-utf8']['message']
+
+
+@pytest.mark.parametrize('expect', ['items[::0]', 'items[1:2:0] | [0]', 'sort(@)', 'abs(status)',
+                                    'max_by(items, &a)'])
+def test_expect_that_cannot_be_evaluated_is_bad_reply(rep_server, expect):
+    """Issue 12: expect '[::0]' raised ValueError (not a JMESPathError) out of the module."""
+    srv = rep_server(lambda msg: dict(OK, items=[1, 2]))
+    res = health(dict(timeout=5, fail_on_unhealthy=False,
+                      endpoints=[ep('bad-expect', srv.url, expect=expect), ep('fine', srv.url)]))
+    assert 'endpoints' in res, res
+    bad, fine = res['endpoints']
+    assert bad['state'] == 'bad_reply' and 'could not be evaluated' in bad['message'], bad
+    assert len(bad['message']) <= 600
+    assert fine['state'] == 'healthy'
+
+
+def test_reply_over_max_reply_size_is_bad_reply(curve_server, certdir):
+    """Issue 12: JSON replies had no size limit (a 10 MB reply became a 10 MB task result)."""
+    big = json.dumps({'status': 'ok', 'blob': 'x' * (10 * 1024 * 1024)})
+    srv = curve_server(lambda msg: big)
+    res = health(dict(certificates_dir=certdir, timeout=10, fail_on_unhealthy=False,
+                      endpoints=[ep('big', srv.url)]))
+    e = only(res)
+    assert e['state'] == 'bad_reply' and 'max_reply_size' in e['message'], e
+    assert len(json.dumps(res)) < 10000
+
+
+@pytest.mark.parametrize('curve', [False, True], ids=['plain', 'curve'])
+def test_max_reply_size_option(rep_server, curve_server, certdir, curve):
+    reply = json.dumps({'status': 'ok', 'pad': 'p' * 1000})
+    size = len(reply.encode())
+    srv = curve_server(lambda msg: reply) if curve else rep_server(lambda msg: reply)
+    base = dict(timeout=10, fail_on_unhealthy=False, endpoints=[ep('a', srv.url)])
+    if curve:
+        base['certificates_dir'] = certdir
+    assert only(health(dict(base, max_reply_size=size)))['state'] == 'healthy'
+    e = only(health(dict(base, max_reply_size=size - 1)))
+    assert e['state'] == 'bad_reply' and 'max_reply_size' in e['message'], e
+
+
+def test_long_reply_is_truncated_and_marked(rep_server):
+    reply = {'status': 'ok', 'blob': 'b' * 20000}
+    srv = rep_server(lambda msg: reply)
+    e = only(health(dict(timeout=5, endpoints=[ep('a', srv.url)])))
+    assert e['state'] == 'healthy'
+    assert e['reply_truncated'] is True
+    assert isinstance(e['reply'], str) and 4000 < len(e['reply']) <= 4096
+    assert json.dumps(reply).startswith(e['reply'])
+    assert len(json.dumps(e['reply'], ensure_ascii=False)) <= 4098
+
+
+# ------------------------------------------------------------------------------------ arguments
+@pytest.mark.parametrize('option, value', [
+    ('timeout', 'nan'), ('timeout', 'inf'), ('timeout', '-inf'), ('timeout', '1e300'), ('timeout', 3600.5),
+    ('timeout', -1), ('wait_timeout', 'nan'), ('wait_timeout', 'inf'), ('wait_timeout', 3601),
+    ('wait_timeout', -0.5), ('max_reply_size', 0), ('max_reply_size', 64 * 1024 * 1024),
+])
+def test_out_of_range_numbers_are_rejected(option, value):
+    """Issue 12: 'timeout: nan' spun forever at 72% CPU; 'inf' and '1e300' crashed with tracebacks."""
+    t0 = time.monotonic()
+    res = health({option: value, 'endpoints': [ep('a', 'tcp://127.0.0.1:%d' % free_tcp_port())]})
+    assert res.get('failed') is True, res
+    assert option in res['msg'] and 'endpoints' not in res, res['msg']
+    assert 'Traceback' not in json.dumps(res)
+    assert time.monotonic() - t0 < 2
+
+
+def test_largest_timeouts_are_accepted(rep_server):
+    srv = rep_server(lambda msg: OK)
+    res = health(dict(timeout=3600, wait_timeout=3600, endpoints=[ep('a', srv.url)]))
+    assert not res.get('failed') and only(res)['state'] == 'healthy', res
+
+
+@pytest.mark.parametrize('host', [
+    '[1.2.3]', '-foo', 'foo-', 'a..b', '.foo', 'foo.-bar', '1.2.3', '256.1.1.1', '010.1.1.1', '1.2.3.4.5',
+    '[::1', '::1', '[]', '[::1%]', '[fe80::1%%x]', 'a' * 64, '.'.join(['a' * 63] * 4) + '.com', 'a b',
+    'host/x', '*',
+])
+def test_invalid_hosts_are_rejected(host):
+    """Issue 12: '[1.2.3]' was accepted (libzmq reads it as 1.2.0.3) and '-foo' was reported refused."""
+    url = 'tcp://%s:8120' % host
+    res = health(dict(timeout=1, endpoints=[ep('x', url)]))
+    assert res.get('failed') is True and 'endpoints' not in res, res
+    assert "endpoint 'x': url" in res['msg'], res['msg']
+
+
+def test_valid_hosts_are_accepted(rep_server):
+    srv = rep_server(lambda msg: OK)
+    dead6 = free_tcp_port()
+    res = health(dict(timeout=5, fail_on_unhealthy=False, endpoints=[
+        ep('ipv4', srv.url),
+        ep('name', 'tcp://localhost:%d' % srv.port),
+        ep('ipv6', 'tcp://[::1]:%d' % dead6),
+    ]))
+    assert [e['state'] for e in res['endpoints']] == ['healthy', 'healthy', 'refused'], res
+
+
+@pytest.mark.parametrize('fifo', ['client.key', 'client.key_secret', 'server.key'])
+def test_key_file_that_is_a_fifo_fails_instead_of_hanging(tmp_path, certdir, fifo):
+    """Issue 12: a FIFO at certificates_dir/client.key hung the module (open() blocks)."""
+    for f in os.listdir(certdir):
+        shutil.copy(os.path.join(certdir, f), str(tmp_path / f))
+    os.unlink(str(tmp_path / fifo))
+    os.mkfifo(str(tmp_path / fifo))
+    res = run_in_child(dict(certificates_dir=str(tmp_path), endpoints=[ep('a', 'tcp://127.0.0.1:1')]), timeout=30)
+    assert res.get('failed') is True and 'endpoints' not in res, res
+    assert 'not a regular file' in res['msg'] and fifo in res['msg'], res['msg']

@@ -345,8 +345,16 @@ class ConfigError(Exception):
     pass
 
 
+_EVENTS = {}
+
+
 def _event(name):
-    return getattr(zmq, name, None) if HAS_ZMQ else None
+    """The value of zmq.EVENT_*, or None if this libzmq has no such event (cached: called per event)."""
+    try:
+        return _EVENTS[name]
+    except KeyError:
+        value = _EVENTS[name] = getattr(zmq, name, None) if HAS_ZMQ else None
+        return value
 
 
 def _protocol_error_name(value):
@@ -595,6 +603,14 @@ class Resolver(object):
 # ------------------------------------------------------------------------------------ descriptors
 def count_open_fds():
     """Descriptors open in this process, or None if the platform cannot tell."""
+    try:
+        # Linux >= 6.2 reports the number of open descriptors as the size of /proc/self/fd
+        # (a few microseconds; listing the directory takes about a millisecond per thousand).
+        size = os.stat('/proc/self/fd').st_size
+        if size > 0:
+            return size
+    except OSError:
+        pass
     for path in ('/proc/self/fd', '/dev/fd'):
         try:
             return len(os.listdir(path))

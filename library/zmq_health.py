@@ -873,6 +873,11 @@ class Probe(object):
                 return
             self.finish(REFUSED, 'connection refused or host unreachable')
 
+    def on_sock_ready(self):
+        """The REQ socket's descriptor fired (or the socket was just armed): take the reply if there is one."""
+        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self.on_reply()
+
     def on_reply(self):
         try:
             frames = self.sock.recv_multipart(zmq.NOBLOCK)
@@ -926,15 +931,15 @@ class Probe(object):
             self.finish(BAD_REPLY, 'expect %s is false on the reply%s' % (short(target.expect_text, 80), detail),
                         reply=shown, truncated=truncated)
 
-    def on_deadline(self, now):
-        """Called when one of this probe's deadlines passed."""
+    def on_deadline(self, now, final=False):
+        """Called when one of this probe's deadlines passed (FINAL: the call's deadline, end it now)."""
         if self.done:
             return
-        if self.lost_at is not None and now >= self.lost_at + LOST_GRACE:
+        if self.lost_at is not None and (final or now >= self.lost_at + LOST_GRACE):
             self.finish(BAD_REPLY, 'the connection was closed after the handshake without a complete reply '
                                    '(a reply larger than max_reply_size (%d bytes), a malformed message, or the '
                                    'server closed the connection)' % self.check.max_reply_size)
-        elif now >= self.deadline:
+        elif final or now >= self.deadline:
             self.on_timeout()
 
     def on_timeout(self):
@@ -1121,8 +1126,8 @@ class HealthCheck(object):
                         self.push_deadline(probe, probe.deadline)
                         # Arm both sockets: ZMQ_FD only signals new activity after ZMQ_EVENTS was read.
                         self._safely(probe, probe.on_monitor)
-                        if not probe.done and probe.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                            self._safely(probe, probe.on_reply)
+                        if not probe.done:
+                            self._safely(probe, probe.on_sock_ready)
 
                 if not (inflight or first or retry or retry_at or dns_wait or self.finished):
                     break
@@ -1146,10 +1151,7 @@ class HealthCheck(object):
                         if entry is None or entry[0].done:
                             continue
                         probe, is_monitor = entry
-                        if is_monitor:
-                            self._safely(probe, probe.on_monitor)
-                        elif probe.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                            self._safely(probe, probe.on_reply)
+                        self._safely(probe, probe.on_monitor if is_monitor else probe.on_sock_ready)
                 elif timeout > 0:
                     time.sleep(timeout)
 
@@ -1171,9 +1173,10 @@ class HealthCheck(object):
                 self.finished = []
 
             # The deadline passed (or all is done): whatever is left becomes 'timeout'.
+            now = time.monotonic()
             for probe, is_monitor in list(probes.values()):
                 if not is_monitor and not probe.done:
-                    probe.on_timeout()
+                    self._safely(probe, lambda p=probe: p.on_deadline(now, final=True))
             for probe in self.finished:
                 probe.close()
                 index = probe.target.index

@@ -830,3 +830,38 @@ def test_key_file_that_is_a_fifo_fails_instead_of_hanging(tmp_path, certdir, fif
     res = run_in_child(dict(certificates_dir=str(tmp_path), endpoints=[ep('a', 'tcp://127.0.0.1:1')]), timeout=30)
     assert res.get('failed') is True and 'endpoints' not in res, res
     assert 'not a regular file' in res['msg'] and fifo in res['msg'], res['msg']
+
+
+def test_name_lookups_cannot_hold_up_the_call(rep_server, monkeypatch):
+    """Host names are looked up outside libzmq's I/O thread, so a DNS server that never answers
+    delays neither the other endpoints nor the deadline; a name that does not exist is 'refused'."""
+    srv = rep_server(lambda msg: OK)
+    release = threading.Event()
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kw):
+        if host == 'slow.example':
+            release.wait(30)
+            raise socket.gaierror(socket.EAI_AGAIN, 'Temporary failure in name resolution')
+        if host == 'nxdomain.example':
+            raise socket.gaierror(socket.EAI_NONAME, 'Name or service not known')
+        if host == 'agent.example':
+            host = '127.0.0.1'
+        return real_getaddrinfo(host, *args, **kw)
+
+    monkeypatch.setattr(socket, 'getaddrinfo', getaddrinfo)
+    t0 = time.monotonic()
+    try:
+        res = health(dict(timeout=1, fail_on_unhealthy=False, endpoints=[
+            ep('named', 'tcp://agent.example:%d' % srv.port),
+            ep('slow-dns', 'tcp://slow.example:%d' % srv.port),
+            ep('no-such-name', 'tcp://nxdomain.example:%d' % srv.port),
+        ]))
+    finally:
+        release.set()
+    wall = time.monotonic() - t0
+    named, slow, missing = res['endpoints']
+    assert named['state'] == 'healthy', named
+    assert slow['state'] == 'timeout' and 'not resolved' in slow['message'] and slow['attempts'] == 0, slow
+    assert missing['state'] == 'refused' and 'cannot resolve host name' in missing['message'], missing
+    assert wall <= 1 + 1.5

@@ -14,16 +14,23 @@ short_description: Check the health of many ZeroMQ (optionally CurveZMQ) REP end
 description:
   - Sends one request to every endpoint in O(endpoints) over a ZeroMQ REQ socket and classifies each
     endpoint as V(healthy), V(degraded), V(refused), V(auth_failed), V(timeout) or V(bad_reply).
-  - All endpoints are checked concurrently in one process (one ZeroMQ context, one poller over all
+  - All endpoints are checked concurrently in one process (one ZeroMQ context, one epoll over all
     REQ sockets and their monitor sockets), so checking N endpoints costs about one O(timeout), not N.
+  - Any number of endpoints can be checked. Each endpoint being checked holds 4 file descriptors, so
+    the module checks as many at once as the process's open-file limit (C(RLIMIT_NOFILE), C(ulimit -n))
+    allows and starts the next ones as soon as descriptors are free again (see the notes).
+  - The whole call ends within about O(wait_timeout) + O(timeout), whatever the peers do.
   - ZeroMQ's socket monitor is used to classify failures as soon as they are known. A refused or
     unreachable connection is reported as V(refused) on the first failed connect, and a rejected CURVE
     handshake (wrong server public key, client key not authorised by the server's authenticator,
     security mechanism mismatch) is reported as V(auth_failed) right away, instead of waiting for the timeout.
   - The reply is parsed as JSON and the JMESPath expression O(expect) must be truthy on it
     (JMESPath truthiness, false for null, false, empty string, empty list and empty object).
-    If the reply is not JSON, O(expect) is evaluated on the raw reply string, so C(@ == 'pong')
+    If the reply is not standard JSON, O(expect) is evaluated on the raw reply string, so C(@ == 'pong')
     checks an old agent that answers the string C(pong) to the request C(ping).
+  - A reply or an O(expect) that cannot be handled (nested too deeply, not UTF-8, an expression that
+    fails on this reply, ...) makes only that endpoint V(bad_reply), with a short message. The module
+    fails only for invalid arguments (and with O(fail_on_unhealthy) for unhealthy endpoints).
   - A JSON reply whose C(status) is C(degraded) is reported as V(degraded), before O(expect) is evaluated.
   - Read-only. The module never reports C(changed) and fully supports check mode, so drift checks can run it.
 version_added: "1.0.0"
@@ -47,8 +54,13 @@ options:
         required: true
       url:
         description:
-          - ZeroMQ endpoint in the form C(tcp://HOST:PORT) (port 1-65535). IPv6 addresses are written in
-            brackets, for example C(tcp://[::1]:8120).
+          - ZeroMQ endpoint in the form C(tcp://HOST:PORT) (port 1-65535). HOST is an IPv4 address
+            (four numbers 0-255), a DNS name (labels of letters, digits, C(-) and C(_), not starting or
+            ending with C(-), not all-numeric at the end) or an IPv6 address in brackets, for example
+            C(tcp://[::1]:8120). Anything else, for example C([1.2.3]) or C(-foo), fails the task.
+          - Host names are looked up by the module (not by libzmq's I/O thread), once per call, preferring
+            IPv4. A name that does not resolve is V(refused); a look-up that has not finished by the
+            deadline is V(timeout).
         type: str
         required: true
       request:
@@ -63,18 +75,26 @@ options:
             of O(certificates_dir). Needs client keys (O(certificates_dir) or O(client_public_key)/O(client_secret_key)).
         type: str
   timeout:
-    description: Seconds to wait for each attempt's reply.
+    description:
+      - Seconds to wait for each attempt's reply. A finite number greater than 0 and at most 3600.
     type: float
     default: 3
   wait_timeout:
     description:
       - If greater than 0, unhealthy endpoints are checked again with fresh sockets (about every 0.3 s,
         never past the deadline) until all are healthy or O(wait_timeout) seconds have passed since the
-        start. A server that starts late is found healthy.
-      - An attempt that starts before the deadline may run for up to O(timeout), so the module returns
-        after at most about O(wait_timeout) + O(timeout) seconds.
+        start. A server that starts late is found healthy. A finite number from 0 to 3600.
+      - O(wait_timeout) + O(timeout) is a hard deadline for the whole call. No attempt runs past it, and
+        endpoints still unanswered then are V(timeout). Closing the sockets adds well under a second.
     type: float
     default: 0
+  max_reply_size:
+    description:
+      - Largest reply accepted, in bytes (all frames together); 1 to 16777216 (16 MiB).
+      - libzmq drops a connection as soon as a larger frame announces itself (C(ZMQ_MAXMSGSIZE)), so
+        an oversized reply is never read into memory. The endpoint is then V(bad_reply).
+    type: int
+    default: 65536
   fail_on_unhealthy:
     description: Fail the task if any endpoint is unhealthy. With V(false) the results are only reported.
     type: bool
@@ -136,6 +156,24 @@ notes:
     the ZMTP handshake.
   - RV(endpoints[].latency_ms) is the time from sending the request to the reply, or to the moment the failure
     was known.
+  - "Descriptors and batching: each endpoint being checked holds 4 file descriptors (the REQ socket, the
+    two sockets of its monitor, the TCP connection). Before the first check the module raises its soft
+    C(RLIMIT_NOFILE) towards the hard limit as far as the endpoints need, keeps 48 descriptors for
+    everything else and sets the ZeroMQ context's socket limit (C(ZMQ_MAX_SOCKETS)) to match. It then
+    checks up to (limit - descriptors already open - 48) / 4 endpoints at once (at most 2048), in input
+    order, and starts the next ones as descriptors are released. Under C(ulimit -n 1024) that is about
+    240 at a time. An endpoint is never reported V(refused) because of these limits."
+  - Batching does not extend the deadline. Endpoints that could not even be started before
+    O(wait_timeout) + O(timeout) are V(timeout) with RV(endpoints[].attempts) 0 and a message saying
+    they were not checked; raise the open-file limit, O(timeout) or O(wait_timeout) for very many
+    slow endpoints. RV(concurrency) tells how many endpoints were checked at once.
+  - "Bounded replies: replies larger than O(max_reply_size) are V(bad_reply). Only the first frame of a
+    multi-frame reply is evaluated. The reply is evaluated as JSON only if it is UTF-8 and standard JSON:
+    C(NaN), C(Infinity), numbers out of the double range and integers of more than 4300 digits make it a
+    non-JSON reply. RV(endpoints[].reply) holds at most about 4 KiB (see there); results contain only
+    standard JSON."
+  - Key files in O(certificates_dir) must be regular files; a FIFO or device there fails the task
+    instead of blocking it.
 seealso:
   - module: zmq_curve_keypair
 '''
@@ -171,6 +209,15 @@ EXAMPLES = r'''
         url: tcp://192.168.100.17:6780
         expect: "status == 'success' || status == 'ok'"
 
+- name: Thousands of endpoints; replies up to 256 KiB; give batches time under a low open-file limit
+  zmq_health:
+    certificates_dir: /opt/ai-system/certificates
+    timeout: 5
+    max_reply_size: 262144
+    fail_on_unhealthy: false
+    endpoints: "{{ fleet_health_endpoints }}"
+  register: fleet
+
 - name: Explicit keys (the secret comes from a vault)
   zmq_health:
     server_public_key: "{{ zmq_server_public_key }}"
@@ -203,19 +250,28 @@ endpoints:
       description: Whether the endpoint passes (V(healthy), or V(degraded) with O(allow_degraded=true)).
       type: bool
     latency_ms:
-      description: Milliseconds from sending the request to the reply or to the detected failure (last attempt).
+      description:
+        - Milliseconds from sending the request to the reply or to the detected failure (last attempt).
+        - null if no request was sent (not checked before the deadline, host name not resolvable).
       type: float
       sample: 1.7
     reply:
-      description: The parsed JSON reply, or the reply string (at most 2048 characters) if it is not JSON; null without a reply.
+      description:
+        - The parsed JSON reply if its compact JSON form has at most 4096 characters and it nests at most
+          32 levels; otherwise the reply text (invalid UTF-8 replaced), cut so that it serialises to at most
+          4096 characters. null without a reply.
       type: raw
       sample: {"status": "ok", "ready": true}
+    reply_truncated:
+      description: Whether RV(endpoints[].reply) was cut (then it is the beginning of the reply text).
+      type: bool
+      sample: false
     message:
-      description: Human-readable detail for states other than V(healthy); null for V(healthy).
+      description: Short human-readable detail for states other than V(healthy); null for V(healthy).
       type: str
       sample: connection refused or host unreachable
     attempts:
-      description: Number of attempts made for this endpoint.
+      description: Number of attempts made for this endpoint (0 if it was not checked before the deadline).
       type: int
       sample: 1
 healthy_count:
@@ -233,6 +289,13 @@ attempts:
   returned: always
   type: int
   sample: 1
+concurrency:
+  description:
+    - Most endpoints that were being checked at the same time. Lower than the number of endpoints when
+      the open-file limit made the module check them in batches (4 descriptors per endpoint).
+  returned: always
+  type: int
+  sample: 240
 elapsed_ms:
   description: Time spent inside the module, from argument parsing to the result, in milliseconds.
   returned: always

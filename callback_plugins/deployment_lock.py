@@ -362,7 +362,7 @@ class CallbackModule(CallbackBase):
                 self._display.warning(f'deployment_lock: could not release the deployment lock on {host} ({reason}). '
                                       'It stays until it is broken: -e ai_deploy_lock_break=true.')
         run_id = self.run['run_id'] if self.run else '?'
-        if released:
-            line = f"Deployment lock of run {run_id} released on {', '.join(released)}"
+        if released or audited:
+            line = f"Deployment lock of run {run_id} released on {', '.join(released) or 'no host'}"
             line += f"; audit line written on {', '.join(audited)}." if audited else '; no host changed, no audit line.'
             self._display.display(line)

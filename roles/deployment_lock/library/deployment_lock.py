@@ -328,7 +328,7 @@ def sync_dir(directory):
 def append_line(path, entry):
     directory = os.path.dirname(path)
     if not os.path.isdir(directory):
-        os.makedirs(directory, 0o755)
+        os.makedirs(directory, 0o755, exist_ok=True)
     line = json.dumps(entry, sort_keys=False, default=str) + '\n'
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0), 0o640)
     try:
@@ -467,7 +467,7 @@ def main():
             result['deployment_lock'] = dict(path=path, run_id=run['run_id'], audit_path=p['audit_path'],
                                              state='released' if p['state'] == 'absent' else 'checked')
             module.exit_json(**result)
-        os.makedirs(directory, 0o755)
+        os.makedirs(directory, 0o755, exist_ok=True)
 
     try:
         with Guard(directory):

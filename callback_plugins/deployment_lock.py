@@ -40,7 +40,8 @@ description:
     after C(any_errors_fatal) stopped the run and when a host became unreachable, it runs one task on
     every host that holds this run's lock, through Ansible itself (same inventory, variables,
     connection, become and passwords): it appends one JSON line to the host's audit trail when the run
-    changed that host (or the host's recorded deploy failed), then removes the lock if it is still this
+    changed that host (or the host's recorded deploy failed, or the run broke a stale lock there), then
+    removes the lock if it is still this
     run's. A run interrupted by Ctrl-C, or stopped by an error of Ansible itself, does the same when
     the controller process exits. Only a killed controller process leaves its locks behind; its run is
     then gone, and C(-e ai_deploy_lock_break=true) breaks them."
@@ -289,7 +290,9 @@ class CallbackModule(CallbackBase):
         releases = {}
         for host, lock in held.items():
             record = self.records.get(host)
-            changed = summaries[host].get('changed', 0) > 0 or (record or {}).get('result') == 'failed'
+            # A broken lock is worth a line even when nothing else changed.
+            changed = (summaries[host].get('changed', 0) > 0 or (record or {}).get('result') == 'failed'
+                       or bool(lock.get('previous')))
             entry = audit_entry(self.run, host, summaries[host], record, lock, run_result) if changed else None
             releases[host] = {'path': lock['path'], 'state': 'absent', 'run': {'run_id': self.run['run_id']},
                               'audit_path': lock['audit_path'] if entry else None, 'audit_entry': entry}

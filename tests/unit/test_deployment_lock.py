@@ -401,9 +401,13 @@ def test_a_lock_whose_run_is_gone_on_this_controller_can_be_broken_at_once(lab):
     assert 'That run is gone (no such process on this controller)' in plain.stdout
     assert json.loads(lab.lock('alpha').read_text()) == gone
 
-    broken = lab.run('-e', 'ai_deploy_lock_break=true')
+    # Nothing else changes in this run: the broken lock alone is worth its line.
+    broken = lab.run('-e', 'ai_deploy_lock_break=true', '-e', 'change_hosts=[]')
     assert broken.returncode == 0, broken.stdout[-3000:]
     assert not lab.lock('alpha').exists()
+    [entry] = lab.audit('alpha')
+    assert entry['changed'] == 0 and entry['lock_broken']['process'] == '999999999:1'
+    assert lab.audit('beta') == []
 
 
 def test_check_mode_never_takes_nor_waits_for_the_lock(lab):

@@ -386,8 +386,8 @@ FDS_PER_PROBE = 4
 RESERVED_FDS = 48
 #: Largest number of endpoints checked at the same time, even with descriptors to spare.
 MAX_CONCURRENCY = 2048
-#: libzmq I/O threads (TCP and CURVE crypto run there).
-IO_THREADS = 1
+#: libzmq I/O threads: the CURVE handshakes (about 0.4 ms of crypto each) run there, so use two cores.
+IO_THREADS = 2 if (os.cpu_count() or 1) > 1 else 1
 #: Name look-ups run in at most this many threads at once.
 RESOLVER_THREADS = 8
 #: After a connection drops once the handshake succeeded, wait this long for a reply that the

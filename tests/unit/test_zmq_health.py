@@ -8,7 +8,6 @@ zmq_curve_keypair module, a real ThreadAuthenticator; no mocks of zmq.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import socket
@@ -21,7 +20,7 @@ import pytest
 import zmq
 import zmq.auth
 
-from conftest import LIBRARY_DIR, MODULE_UTILS_DIR, REPO_ROOT, free_tcp_port, load_library_module, run_module
+from conftest import LIBRARY_DIR, MODULE_UTILS_DIR, free_tcp_port, load_library_module, run_module
 
 MODULE = 'zmq_health'
 OK = {'status': 'ok', 'ready': True, 'initialized': True}
@@ -315,7 +314,7 @@ def test_secret_never_in_results(curve_server, certdir, rogue_dir):
     (dict(server_public_key='a' * 40, endpoints=[ep('a', 'tcp://127.0.0.1:1')]), 'client_public_key'),
     (dict(endpoints=[ep('k', 'tcp://127.0.0.1:1', server_public_key='a' * 40)]), 'no client keys'),
     (dict(certificates_dir='/nonexistent/certs', endpoints=[ep('a', 'tcp://127.0.0.1:1')]), 'does not exist'),
-    (dict(timeout=0, endpoints=[ep('a', 'tcp://127.0.0.1:1')]), 'timeout must be a finite number of seconds greater than 0'),
+    (dict(timeout=0, endpoints=[ep('a', 'tcp://127.0.0.1:1')]), 'timeout must be a finite number'),
 ])
 def test_invalid_input(args, fragment):
     t0 = time.monotonic()

@@ -603,8 +603,12 @@ class Resolver(object):
 
     libzmq would resolve names in its I/O thread, where a slow DNS server stalls every other
     endpoint and even the context's termination. Here a look-up that does not finish before the
-    deadline is abandoned (the daemon thread ends with the process).
+    deadline is abandoned (the daemon thread ends with the process). A look-up that fails for a
+    local reason (EAI_SYSTEM, EAI_MEMORY: for example no descriptor left) is tried again until
+    ``stop()``, so the module's own limits never make a name "not resolvable".
     """
+
+    LOCAL_ERRORS = frozenset(getattr(socket, name) for name in ('EAI_SYSTEM', 'EAI_MEMORY') if hasattr(socket, name))
 
     def __init__(self, max_threads=RESOLVER_THREADS):
         self._lock = threading.Lock()
@@ -613,6 +617,7 @@ class Resolver(object):
         self._pending = set()
         self._threads = 0
         self._max_threads = max_threads
+        self._stop = threading.Event()
 
     def request(self, host):
         with self._lock:
@@ -625,7 +630,11 @@ class Resolver(object):
             self._threads += 1
         thread = threading.Thread(target=self._work, name='zmq-health-resolver')
         thread.daemon = True
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError:  # no thread left: a running worker (or the next request) takes it
+            with self._lock:
+                self._threads -= 1
 
     def result(self, host):
         """(address, ipv6, error) once HOST is resolved (address None on failure), else None."""
@@ -636,6 +645,9 @@ class Resolver(object):
         with self._lock:
             self._results.pop(host, None)
 
+    def stop(self):
+        self._stop.set()
+
     def _work(self):
         while True:
             with self._lock:
@@ -644,18 +656,26 @@ class Resolver(object):
                     return
                 host = self._queue.popleft()
             result = self.resolve(host)
+            while result is None and not self._stop.wait(0.05):
+                result = self.resolve(host)
             with self._lock:
-                self._results[host] = result
+                if result is not None:
+                    self._results[host] = result
                 self._pending.discard(host)
 
-    @staticmethod
-    def resolve(host):
+    @classmethod
+    def resolve(cls, host):
+        """(address, ipv6, None), (None, False, error), or None after a local failure."""
         try:
             infos = socket.getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
         except socket.gaierror as e:
+            if e.errno in cls.LOCAL_ERRORS:
+                return None
             return None, False, e.strerror or str(e)
-        except Exception as e:  # UnicodeError for an over-long label, ...
+        except (UnicodeError, ValueError) as e:  # for example an over-long label
             return None, False, short(str(e) or type(e).__name__)
+        except Exception:
+            return None
         for family in (socket.AF_INET, socket.AF_INET6):
             for info in infos:
                 if info[0] == family:
@@ -1264,6 +1284,7 @@ class HealthCheck(object):
             if ctx is not None:
                 ctx.destroy(linger=0)
             budget.restore()
+            self.resolver.stop()
         return self.results
 
     def _schedule_retry(self, target, now, retry_at):

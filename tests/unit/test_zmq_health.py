@@ -833,19 +833,24 @@ def test_key_file_that_is_a_fifo_fails_instead_of_hanging(tmp_path, certdir, fif
 
 def test_name_lookups_cannot_hold_up_the_call(rep_server, monkeypatch):
     """Host names are looked up outside libzmq's I/O thread, so a DNS server that never answers
-    delays neither the other endpoints nor the deadline; a name that does not exist is 'refused'."""
+    delays neither the other endpoints nor the deadline; a name that does not exist is 'refused';
+    a look-up that fails for a local reason (EAI_SYSTEM, e.g. out of descriptors) is tried again."""
     srv = rep_server(lambda msg: OK)
     release = threading.Event()
     real_getaddrinfo = socket.getaddrinfo
+    local_failures = []
 
     def getaddrinfo(host, *args, **kw):
+        if host == 'flaky.example' and len(local_failures) < 3:
+            local_failures.append(host)
+            raise socket.gaierror(socket.EAI_SYSTEM, 'System error')
+        if host in ('agent.example', 'flaky.example'):
+            host = '127.0.0.1'
         if host == 'slow.example':
             release.wait(30)
             raise socket.gaierror(socket.EAI_AGAIN, 'Temporary failure in name resolution')
         if host == 'nxdomain.example':
             raise socket.gaierror(socket.EAI_NONAME, 'Name or service not known')
-        if host == 'agent.example':
-            host = '127.0.0.1'
         return real_getaddrinfo(host, *args, **kw)
 
     monkeypatch.setattr(socket, 'getaddrinfo', getaddrinfo)
@@ -855,12 +860,14 @@ def test_name_lookups_cannot_hold_up_the_call(rep_server, monkeypatch):
             ep('named', 'tcp://agent.example:%d' % srv.port),
             ep('slow-dns', 'tcp://slow.example:%d' % srv.port),
             ep('no-such-name', 'tcp://nxdomain.example:%d' % srv.port),
+            ep('local-failure', 'tcp://flaky.example:%d' % srv.port),
         ]))
     finally:
         release.set()
     wall = time.monotonic() - t0
-    named, slow, missing = res['endpoints']
+    named, slow, missing, flaky = res['endpoints']
     assert named['state'] == 'healthy', named
+    assert flaky['state'] == 'healthy' and len(local_failures) == 3, flaky
     assert slow['state'] == 'timeout' and 'not resolved' in slow['message'] and slow['attempts'] == 0, slow
     assert missing['state'] == 'refused' and 'cannot resolve host name' in missing['message'], missing
     assert wall <= 1 + 1.5

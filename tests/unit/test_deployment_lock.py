@@ -72,8 +72,10 @@ PLAYBOOK = """\
         timeout: 90
       when: go_file is defined
 
-- name: Change, record and maybe fail, in a later play
+- name: Change, record and maybe fail, in a later play, one host at a time as site.yml's rollout
   hosts: ai_hosts
+  order: inventory
+  serial: 1
   gather_facts: false
   any_errors_fatal: true
   tasks:
@@ -446,6 +448,14 @@ def test_the_lock_is_taken_again_by_the_same_run_without_harm(lab):
     result = lab.run(playbook=twice)
     assert result.returncode == 0, result.stdout[-3000:]
     assert not any(lab.lock(h).exists() for h in HOSTS)
+
+
+def test_a_limited_run_locks_only_its_hosts_and_tags_do_not_skip_the_lock(lab):
+    held = lab.write_lock('beta', stale_lock(5)).read_bytes()
+    result = lab.run('--limit', 'alpha', '--tags', 'none-of-these')
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert 'Take the deployment lock' in result.stdout and 'released on alpha; no host changed' in result.stdout
+    assert not lab.lock('alpha').exists() and lab.lock('beta').read_bytes() == held
 
 
 def test_manage_history_shows_the_last_entries_as_a_table(lab):

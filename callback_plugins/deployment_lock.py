@@ -81,7 +81,7 @@ def process_token(pid: int) -> str | None:
 
 def live_runs() -> list[str] | None:
     """Tokens of the Ansible processes alive on this controller; None where /proc cannot tell."""
-    if not os.path.isdir('/proc/self'):
+    if not os.path.isdir('/proc/self') or (os.geteuid() != 0 and proc_hides_processes()):
         return None
     tokens = []
     for name in os.listdir('/proc'):
@@ -97,6 +97,15 @@ def live_runs() -> list[str] | None:
         if token:
             tokens.append(token)
     return tokens
+
+
+def proc_hides_processes() -> bool:
+    """/proc mounted with hidepid: other users' runs are invisible, so a gone run cannot be told from a hidden one."""
+    try:
+        with open('/proc/self/mounts', encoding='utf-8') as f:
+            return any(line.split()[1] == '/proc' and 'hidepid=' in line for line in f if len(line.split()) > 3)
+    except OSError:
+        return True
 
 
 def controller_id() -> str | None:

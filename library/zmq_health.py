@@ -167,8 +167,11 @@ notes:
     O(wait_timeout) + O(timeout) are V(timeout) with RV(endpoints[].attempts) 0 and a message saying
     they were not checked; raise the open-file limit, O(timeout) or O(wait_timeout) for very many
     slow endpoints. RV(concurrency) tells how many endpoints were checked at once.
-  - "Bounded replies: replies larger than O(max_reply_size) are V(bad_reply). Only the first frame of a
-    multi-frame reply is evaluated. The reply is evaluated as JSON only if it is UTF-8 and standard JSON:
+  - "Bounded replies: replies larger than O(max_reply_size) are V(bad_reply). libzmq limits each frame
+    (C(ZMQ_MAXMSGSIZE)) but not the number of frames, so every 50 ms the module also reads how many bytes
+    each connection still waiting for its reply has received (C(TCP_INFO), Linux) and closes one that got
+    more than 2 x O(max_reply_size) + 64 KiB as V(bad_reply): a reply of endless frames cannot fill the
+    memory. Only the first frame of a multi-frame reply is evaluated. The reply is evaluated as JSON only if it is UTF-8 and standard JSON:
     C(NaN), C(Infinity), numbers out of the double range and integers of more than 4300 digits make it a
     non-JSON reply. RV(endpoints[].reply) holds at most about 4 KiB (see there); results contain only
     standard JSON."
@@ -393,6 +396,14 @@ RESOLVER_THREADS = 8
 #: After a connection drops once the handshake succeeded, wait this long for a reply that the
 #: I/O thread may still be delivering before calling the reply lost.
 LOST_GRACE = 0.05
+#: libzmq bounds each frame (MAXMSGSIZE) but not the number of frames of a message, and buffers a
+#: multi-frame reply until its last frame: a hostile server could make the module buffer without
+#: end. So every this many seconds the byte count of the TCP connections still waiting for their
+#: reply is read (TCP_INFO), and a connection that received more than twice max_reply_size plus
+#: 64 KiB (room for framing and the handshake) is closed as bad_reply.
+SIZE_CHECK_INTERVAL = 0.05
+TCPI_BYTES_RECEIVED = struct.Struct('=Q')
+TCPI_BYTES_RECEIVED_OFFSET = 128  # struct tcp_info, Linux >= 4.1
 
 URL_RE = re.compile(r'^tcp://(?P<host>\[[^\[\]]*\]|[^\[\]:/]+):(?P<port>[0-9]{1,5})$')
 IPV4_RE = re.compile(r'^(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}'
@@ -812,13 +823,37 @@ class FdPoller(object):
             self._poller.close()
 
 
+def tcp_bytes_received(fd, port):
+    """Bytes received on the TCP connection FD (a libzmq descriptor) if its peer port is PORT, else None."""
+    tcp_info = getattr(socket, 'TCP_INFO', None)
+    if fd is None or tcp_info is None:
+        return None
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+    except (OSError, ValueError):
+        return None
+    try:
+        # The descriptor may have been closed and reused since the CONNECTED event: check the peer.
+        if sock.getpeername()[1] != port:
+            return None
+        info = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, 256)
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
+    finally:
+        sock.detach()  # never close libzmq's descriptor
+    end = TCPI_BYTES_RECEIVED_OFFSET + TCPI_BYTES_RECEIVED.size
+    if len(info) < end:
+        return None
+    return TCPI_BYTES_RECEIVED.unpack(info[TCPI_BYTES_RECEIVED_OFFSET:end])[0]
+
+
 # ------------------------------------------------------------------------------------ probes
 class Probe(object):
     """One attempt against one endpoint: a REQ socket plus its monitor socket."""
 
     __slots__ = ('target', 'check', 'curve', 'sock', 'monitor', 'monitoring', 'fds', 't0', 'deadline', 'cut_short',
                  'done', 'state', 'message', 'reply', 'truncated', 'latency_ms', 'tcp_attempted', 'connected',
-                 'handshake_ok', 'lost_at')
+                 'handshake_ok', 'lost_at', 'tcp_fd')
 
     def __init__(self, target, check):
         self.target = target
@@ -841,6 +876,7 @@ class Probe(object):
         self.connected = False
         self.handshake_ok = False
         self.lost_at = None
+        self.tcp_fd = None
 
     def start(self, ctx, connect_url, ipv6, seq):
         """Create the sockets, connect and queue the request. On any error everything is closed again."""
@@ -912,8 +948,12 @@ class Probe(object):
             self.tcp_attempted = True
         elif event == _event('EVENT_CONNECTED'):
             self.connected = True
+            self.tcp_fd = value  # the connection's descriptor (owned by libzmq)
+            if _event('EVENT_HANDSHAKE_SUCCEEDED') is None:  # libzmq < 4.3: watch it from now on
+                self.check.awaiting.add(self)
         elif event == _event('EVENT_HANDSHAKE_SUCCEEDED'):
             self.handshake_ok = True
+            self.check.awaiting.add(self)
         elif event == _event('EVENT_HANDSHAKE_FAILED_AUTH'):
             # The server's ZAP handler (e.g. ThreadAuthenticator) rejected us: status 400 = denied.
             if self.curve:
@@ -943,6 +983,7 @@ class Probe(object):
                 self.finish(AUTH_FAILED, 'the server closed the connection during the ZMTP handshake '
                                          '(it requires CURVE, or it is not a ZeroMQ endpoint)')
         elif event == _event('EVENT_DISCONNECTED'):
+            self.tcp_fd = None
             # After the handshake: the server closed the connection, or libzmq dropped it because
             # the reply is larger than MAXMSGSIZE or malformed. A reply that arrived just before is
             # still being delivered, so give it a moment (see on_deadline).
@@ -1013,6 +1054,13 @@ class Probe(object):
                 detail = ' (%s)' % ', '.join(parts) if parts else ''
             self.finish(BAD_REPLY, 'expect %s is false on the reply%s' % (short(target.expect_text, 80), detail),
                         reply=shown, truncated=truncated)
+
+    def check_wire_size(self):
+        """Close the attempt if its connection received far more than max_reply_size (see SIZE_CHECK_INTERVAL)."""
+        received = tcp_bytes_received(self.tcp_fd, self.target.port)
+        if received is not None and received > self.check.max_wire_bytes:
+            self.finish(BAD_REPLY, 'the server sent %d bytes without completing a reply of at most max_reply_size '
+                                   '(%d bytes); a reply of endless frames?' % (received, self.check.max_reply_size))
 
     def on_deadline(self, now, final=False):
         """Called when one of this probe's deadlines passed (FINAL: the call's deadline, end it now)."""
@@ -1095,6 +1143,8 @@ class HealthCheck(object):
         self.concurrency = 0
         self.budget = None
         self._deadlines = []  # heap of (time, seq, probe)
+        self.awaiting = set()  # probes past the handshake, waiting for their reply
+        self.max_wire_bytes = 2 * max_reply_size + 65536
         self._seq = 0
 
     def push_deadline(self, probe, when):
@@ -1115,6 +1165,7 @@ class HealthCheck(object):
         probes = {}                   # fd -> (probe, is_monitor)
         inflight = 0
         backoff_until = 0.0
+        next_size_check = start + SIZE_CHECK_INTERVAL
         ctx = None
         poller = None
 
@@ -1225,6 +1276,8 @@ class HealthCheck(object):
                     wake = min(wake, backoff_until)
                 if dns_wait:
                     wake = min(wake, now + 0.01)
+                if self.awaiting:
+                    wake = min(wake, next_size_check)
                 if self.finished:
                     wake = now
                 timeout = max(0.0, wake - time.monotonic())
@@ -1243,7 +1296,13 @@ class HealthCheck(object):
                     _when, _seq, probe = heapq.heappop(self._deadlines)
                     self._safely(probe, lambda p=probe: p.on_deadline(now))
 
+                if self.awaiting and now >= next_size_check:
+                    next_size_check = now + SIZE_CHECK_INTERVAL
+                    for probe in [p for p in self.awaiting if not p.done]:
+                        self._safely(probe, probe.check_wire_size)
+
                 for probe in self.finished:
+                    self.awaiting.discard(probe)
                     for fd in probe.fds:
                         probes.pop(fd, None)
                         poller.unregister(fd)

@@ -520,6 +520,8 @@ args = json.load(sys.stdin)
 t0 = time.monotonic()
 res = run_module(load_library_module('zmq_health'), args)
 res['_wall_s'] = time.monotonic() - t0
+import resource
+res['_maxrss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 sys.stdout.write('\nRESULT ' + json.dumps(res, allow_nan=False) + '\n')
 '''
 
@@ -871,3 +873,70 @@ def test_name_lookups_cannot_hold_up_the_call(rep_server, monkeypatch):
     assert slow['state'] == 'timeout' and 'not resolved' in slow['message'] and slow['attempts'] == 0, slow
     assert missing['state'] == 'refused' and 'cannot resolve host name' in missing['message'], missing
     assert wall <= 1 + 1.5
+
+
+class EndlessReplyServer(object):
+    """A hand-written ZMTP 3.0 REP peer (NULL mechanism) on 127.0.0.1 that answers every request with
+    a multi-frame reply that never ends: 60000-byte frames, each flagged MORE. libzmq's MAXMSGSIZE
+    limits each frame, not the number of frames, and buffers the message until its last frame."""
+
+    GREETING = b'\xff' + b'\x00' * 8 + b'\x7f' + b'\x03\x00' + b'NULL' + b'\x00' * 16 + b'\x00' + b'\x00' * 31
+
+    def __init__(self):
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(('127.0.0.1', 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.sent = 0
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        import struct
+        self.listener.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _addr = self.listener.accept()
+            except OSError:
+                continue
+            try:
+                conn.settimeout(5)
+                conn.sendall(self.GREETING)
+                ready = b'\x05READY' + b'\x0bSocket-Type' + struct.pack('>I', 3) + b'REP'
+                conn.sendall(b'\x04' + bytes([len(ready)]) + ready)
+                received = b''
+                while b'health_check' not in received:  # the client's greeting, READY and request
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        raise OSError('closed')
+                    received += chunk
+                conn.sendall(b'\x01\x00')  # the empty delimiter frame, MORE
+                frame = b'\x03' + struct.pack('>Q', 60000) + b'x' * 60000  # long frame, MORE
+                while not self._stop.is_set():
+                    conn.sendall(frame)
+                    self.sent += len(frame)
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def close(self):
+        self._stop.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+def test_reply_of_endless_frames_is_cut_off():
+    """MAXMSGSIZE bounds each frame, not the frames of one reply: a peer that never finishes a
+    multi-frame reply made the module buffer about 600 MB per second until the timeout."""
+    server = EndlessReplyServer()
+    try:
+        res = run_in_child(dict(timeout=3, fail_on_unhealthy=False,
+                                endpoints=[ep('endless', 'tcp://127.0.0.1:%d' % server.port)]), timeout=60)
+    finally:
+        server.close()
+    e = only(res)
+    print('sent %d MB, module max RSS %d MB, %r' % (server.sent >> 20, res['_maxrss_mb'], e))
+    assert e['state'] == 'bad_reply' and 'without completing a reply' in e['message'], e
+    assert res['_maxrss_mb'] < 400

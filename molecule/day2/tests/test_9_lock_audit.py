@@ -110,10 +110,12 @@ def test_a_rollout_writes_one_audit_line_on_the_host_it_changes(mainpc, pc2):
     assert_no_secret(pc2.file(AUDIT).content_string, result.stdout)
 
 
-def test_a_second_run_is_refused_within_seconds_while_the_first_holds_the_lock(pc2):
+def test_a_second_run_is_refused_within_seconds_while_a_failing_deploy_holds_the_lock(pc2):
+    # A deploy whose agents never get healthy holds pc2's lock for the whole health wait (45 s),
+    # then is rolled back and fails: its lock must be released all the same.
     env = dict(os.environ, ANSIBLE_CONFIG=str(PROJECT_DIR / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0")
     first = subprocess.Popen([str(Path(sys.executable).parent / "ansible-playbook"), str(SITE), "--limit", "pc2",
-                              "-e", "ai_stack_image_tag=lab"],
+                              "-e", "ai_stack_image_tag=lab-broken", "-e", "ai_stack_health_wait_timeout=45"],
                              cwd=PROJECT_DIR, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
@@ -140,21 +142,15 @@ def test_a_second_run_is_refused_within_seconds_while_the_first_holds_the_lock(p
         forced = run_playbook(SITE, "--limit", "pc2", "-e", "ai_deploy_lock_break=true", check=False)
         assert forced.returncode != 0 and "still running on this controller" in forced.stdout
         assert json.loads(lock(pc2))["run_id"] == holder["run_id"]
+        assert first.poll() is None, "the first run ended while the others were refused: they proved nothing"
     finally:
         output, _ = first.communicate(timeout=600)
-    assert first.returncode == 0, output[-4000:]
-    assert lock(pc2) is None
-    assert audit(pc2)[-1]["run_id"] == holder["run_id"]
 
-
-def test_the_lock_is_released_after_a_failed_rollout_and_the_rollback_is_recorded(pc2):
-    result = run_playbook(SITE, "--limit", "pc2", "-e", "ai_stack_image_tag=lab-broken",
-                          "-e", "ai_stack_health_wait_timeout=20", check=False)
-    assert result.returncode != 0
-    assert "Rolled back to the last good deployment" in result.stdout
+    # The failing run released its lock and recorded the failure and the rollback.
+    assert first.returncode != 0 and "Rolled back to the last good deployment" in output, output[-4000:]
     assert lock(pc2) is None
     entry = audit(pc2)[-1]
-    assert entry["run_id"] in result.stdout
+    assert entry["run_id"] == holder["run_id"]
     assert entry["result"] == "failed" and entry["run_result"] == "failed" and entry["rolled_back"] is True
     assert entry["services"]["advanced-router"] == "bad_reply" and set(entry["services"]) == PC2_SERVICES
     assert [image["tag"] for image in entry["images"]] == ["lab-broken"]
@@ -173,8 +169,8 @@ def test_a_corrupt_lock_is_refused_and_changes_nothing_until_it_is_broken(mainpc
     assert lock(pc2) == "half a lock {" and lock(mainpc) is None
 
     broken = run_playbook(SITE, "--limit", "pc2", "-e", "ai_deploy_lock_break=true")
-    assert play_recap(broken.stdout)["ai-lab-pc2"]["changed"] == 0
-    assert audit(pc2)[-1]["lock_broken"] == {"corrupt": "not JSON (13 bytes)"}
+    entry = audit(pc2)[-1]
+    assert entry["run_id"] in broken.stdout and entry["lock_broken"] == {"corrupt": "not JSON (13 bytes)"}
 
 
 def test_a_stale_lock_from_another_controller_needs_the_break_flag(pc2):

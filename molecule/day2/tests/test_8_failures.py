@@ -58,8 +58,11 @@ def test_drift_check_says_which_hosts_it_checked(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     report = json.loads((tmp_path / "drift" / "latest" / "drift-report.json").read_text())
     statuses = {name: host["status"] for name, host in report["hosts"].items()}
-    assert statuses["ai-lab-pc2"] == "not checked"
-    # any_errors_fatal stopped MainPC's later plays: it is not called clean.
+    # The first play needs no connection (cached facts, checks on the controller): PC2 is
+    # partially checked, its first remote play unreachable.
+    assert statuses["ai-lab-pc2"] in ("partially checked", "not checked")
+    assert "unreachable" in [play["status"] for play in report["hosts"]["ai-lab-pc2"]["plays"]]
+    # any_errors_fatal stopped MainPC's later plays: it is not called clean either.
     assert statuses["ai-lab-mainpc"] == "partially checked"
     markdown = (tmp_path / "drift" / "latest" / "drift-report.md").read_text()
     assert "not checked" in markdown and "partially checked" in markdown

@@ -154,3 +154,120 @@ def test_image_digests_from_inspect_data():
         "reg:5000/ai-system/agent:lab": "sha256:abc", "ai-system/agent:lab": "", "reg:5000/other:1": ""}
     table = filters.ai_stack_image_table({"ai-lab-pc2": {"reg:5000/ai-system/agent:lab": "sha256:abc"}})
     assert "sha256:abc" in table[1] and table[1].startswith("ai-lab-pc2")
+
+
+def running_container(spec, name, env_file_vars=None, **changes):
+    """What `docker inspect` shows for a container Compose created from `spec` (the fields
+    the comparison reads), with `changes` applied."""
+    ports = {}
+    for entry in spec["ports"]:
+        address, host_port, container_port = entry.rsplit(":", 2)
+        ports.setdefault(f"{container_port}/tcp", []).append({"HostIp": address, "HostPort": host_port})
+    check = spec["healthcheck"]
+    info = {
+        "Name": f"/{name}",
+        "Config": {
+            "Image": spec["image"], "User": spec["user"], "Hostname": name,
+            "Env": ["PATH=/usr/bin", *(f"{k}={v}" for k, v in {**(env_file_vars or {}), **spec["environment"]}.items())],
+            "Cmd": ["serve"], "Healthcheck": {"Test": check["test"]},
+            "Labels": {**spec["labels"], "com.docker.compose.config-hash": "h1"},
+        },
+        "HostConfig": {
+            "Memory": int(spec["mem_limit"].rstrip("m")) * 1024 * 1024, "PortBindings": ports,
+            "SecurityOpt": spec["security_opt"], "ReadonlyRootfs": spec["read_only"], "CapDrop": spec["cap_drop"],
+            "Tmpfs": {"/tmp": ""}, "LogConfig": {"Type": spec["logging"]["driver"], "Config": {}},
+            "RestartPolicy": {"Name": spec["restart"]}, "DeviceRequests": None,
+        },
+        "Mounts": [{"Type": "bind", "Source": v.split(":")[0], "Destination": v.split(":")[1],
+                    "RW": not v.endswith(":ro")} for v in spec["volumes"]],
+        "NetworkSettings": {"Networks": {n: {} for n in spec["networks"]}},
+    }
+    for path, value in changes.items():
+        section, key = path.split("__")
+        info[section][key] = value
+    return info
+
+
+def drift_setup(**changes):
+    compose = filters.ai_stack_compose([{"name": "a", "port": 5000, "shared": True}], SETTINGS)
+    spec = compose["services"]["a"]
+    running = {"hashes": {"a": "h1"}, "containers": [running_container(spec, "a", {"MAX_MEMORY_MB": "8192"}, **changes)]}
+    return compose, running
+
+
+def test_a_container_as_compose_made_it_has_no_drift():
+    compose, running = drift_setup()
+    assert filters.ai_stack_config_drift(running, compose, "# comment\nMAX_MEMORY_MB=8192\n") == {}
+    assert filters.ai_stack_changed_outside_compose(running, compose, "MAX_MEMORY_MB=8192") == []
+
+
+def test_memory_changed_by_docker_update_is_drift_compose_would_not_fix():
+    compose, running = drift_setup(HostConfig__Memory=2048 * 1024 * 1024)
+    assert filters.ai_stack_config_drift(running, compose, "MAX_MEMORY_MB=8192") == {
+        "a": ["memory: 2048m running, 8192m wanted"]}
+    # Compose's hash still matches: the deploy must recreate it itself.
+    assert filters.ai_stack_changed_outside_compose(running, compose, "MAX_MEMORY_MB=8192") == ["a"]
+
+
+def test_a_container_from_another_compose_configuration_is_left_to_compose():
+    compose, running = drift_setup()
+    running["hashes"] = {"a": "h2"}
+    assert filters.ai_stack_config_drift(running, compose, "MAX_MEMORY_MB=8192") == {
+        "a": ["created from another Compose configuration"]}
+    assert filters.ai_stack_changed_outside_compose(running, compose, "MAX_MEMORY_MB=8192") == []
+
+
+def test_environment_differences_name_keys_never_values():
+    compose, running = drift_setup()
+    found = filters.ai_stack_config_drift(running, compose, "MAX_MEMORY_MB=4096\nAPI_TOKEN=s3cr3t\n")["a"]
+    assert found == ["environment: API_TOKEN, MAX_MEMORY_MB"]
+    assert "s3cr3t" not in str(found) and "4096" not in str(found)
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"Config__Image": "ai-system/mainpc:0"}, "image: ai-system/mainpc:0 running, ai-system/mainpc:1 wanted"),
+    ({"HostConfig__PortBindings": {"5000/tcp": [{"HostIp": "0.0.0.0", "HostPort": "5000"}]}}, "ports: "),
+    ({"Mounts": []}, "volumes"),
+    ({"Config__Cmd": ["serve", "--debug"]}, None),
+    ({"Config__Healthcheck": {"Test": ["CMD", "false"]}}, "healthcheck"),
+    ({"Config__User": ""}, "user: image default running, 10001:10001 wanted"),
+    ({"HostConfig__SecurityOpt": []}, "security options"),
+    ({"HostConfig__ReadonlyRootfs": False}, "read-only root filesystem"),
+    ({"HostConfig__CapDrop": None}, "dropped capabilities"),
+    ({"NetworkSettings__Networks": {"mainpc-network": {}}}, "networks: mainpc-network running, "),
+    ({"HostConfig__LogConfig": {"Type": "local", "Config": {}}}, "logging"),
+    ({"HostConfig__RestartPolicy": {"Name": "no"}}, "restart policy"),
+    ({"HostConfig__DeviceRequests": [{"Driver": "nvidia"}]}, "GPU reservation"),
+])
+def test_every_rendered_setting_is_compared(change, expected):
+    if "Mounts" in change:
+        compose, running = drift_setup()
+        running["containers"][0]["Mounts"] = []
+    else:
+        compose, running = drift_setup(**change)
+    found = filters.ai_stack_config_drift(running, compose, "MAX_MEMORY_MB=8192").get("a", [])
+    if expected is None:  # no command in the catalogue: the image's own is not drift
+        assert found == []
+    else:
+        assert len(found) == 1 and found[0].startswith(expected), found
+
+
+def test_a_command_in_the_catalogue_is_compared():
+    compose = filters.ai_stack_compose([{"name": "a", "port": 5000, "command": ["serve", "--fast"]}], SETTINGS)
+    spec = compose["services"]["a"]
+    running = {"hashes": {}, "containers": [running_container(spec, "a")]}
+    assert filters.ai_stack_config_drift(running, compose) == {"a": ["command"]}
+
+
+def test_running_config_parses_hashes_and_inspect():
+    output = 'a h1\nb h2\n=== inspect\n[{"Name": "/a"}]\n'
+    assert filters.ai_stack_running_config(output) == {"hashes": {"a": "h1", "b": "h2"}, "containers": [{"Name": "/a"}]}
+    assert filters.ai_stack_running_config("") == {"hashes": {}, "containers": []}
+
+
+def test_runtime_drift_reports_configuration_differences():
+    compose, running = drift_setup(HostConfig__Memory=2048 * 1024 * 1024)
+    containers = [{"Names": ["/a"], "State": "running", "Image": "ai-system/mainpc:1",
+                   "Labels": {"ai-system.certificates": "abc"}, "Status": "Up (healthy)"}]
+    assert filters.ai_stack_runtime_drift(containers, compose, running, "MAX_MEMORY_MB=8192") == [
+        "a: differs from its configuration: memory: 2048m running, 8192m wanted (would be recreated)"]

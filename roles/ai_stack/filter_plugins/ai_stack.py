@@ -428,6 +428,13 @@ def ai_stack_config_drift(running: dict, compose: dict, env_file: str = "") -> d
     return drift
 
 
+def ai_stack_changed_outside_compose(running: dict, compose: dict, env_file: str = "") -> list[str]:
+    """Services that differ from the project although their Compose config hash matches:
+    `docker compose up` would leave them as they are, so a deploy recreates them itself."""
+    return sorted(name for name, found in ai_stack_config_drift(running or {}, compose, env_file).items()
+                  if "created from another Compose configuration" not in found)
+
+
 def ai_stack_unhealthy(health: dict) -> list[str]:
     """'name: state' of every unhealthy endpoint of a zmq_health result."""
     return [f"{e['name']}: {e['state']}" for e in health.get("endpoints", []) if not e.get("healthy")]
@@ -501,6 +508,7 @@ class FilterModule:
             "ai_stack_runtime_drift": ai_stack_runtime_drift,
             "ai_stack_running_config": ai_stack_running_config,
             "ai_stack_config_drift": ai_stack_config_drift,
+            "ai_stack_changed_outside_compose": ai_stack_changed_outside_compose,
             "ai_stack_unhealthy": ai_stack_unhealthy,
             "ai_stack_health_table": ai_stack_health_table,
             "ai_stack_pull_failure": ai_stack_pull_failure,

@@ -441,7 +441,7 @@ def _protocol_error_name(value):
 def _monitor_events():
     """The socket events the probes act on (never MONITOR_STOPPED: see Probe.close)."""
     mask = 0
-    for name in ('EVENT_CONNECT_DELAYED', 'EVENT_CONNECTED', 'EVENT_CONNECT_RETRIED', 'EVENT_CLOSED',
+    for name in ('EVENT_CONNECTED', 'EVENT_CONNECT_RETRIED', 'EVENT_CLOSED',
                  'EVENT_DISCONNECTED', 'EVENT_HANDSHAKE_FAILED_NO_DETAIL', 'EVENT_HANDSHAKE_FAILED_PROTOCOL',
                  'EVENT_HANDSHAKE_FAILED_AUTH', 'EVENT_HANDSHAKE_SUCCEEDED'):
         mask |= getattr(zmq, name, 0) or 0
@@ -768,13 +768,6 @@ class FdBudget(object):
     def started(self):
         self.estimate += FDS_PER_PROBE
 
-    def under_pressure(self):
-        """True if this process is about out of descriptors right now."""
-        if self.limit is None:
-            return False
-        used = count_open_fds()
-        return used is None or used + 2 * FDS_PER_PROBE >= self.limit
-
     def restore(self):
         if self.saved is not None:
             try:
@@ -852,7 +845,7 @@ class Probe(object):
     """One attempt against one endpoint: a REQ socket plus its monitor socket."""
 
     __slots__ = ('target', 'check', 'curve', 'sock', 'monitor', 'monitoring', 'fds', 't0', 'deadline', 'cut_short',
-                 'done', 'state', 'message', 'reply', 'truncated', 'latency_ms', 'tcp_attempted', 'connected',
+                 'done', 'state', 'message', 'reply', 'truncated', 'latency_ms', 'socket_failed', 'connected',
                  'handshake_ok', 'lost_at', 'tcp_fd')
 
     def __init__(self, target, check):
@@ -872,7 +865,7 @@ class Probe(object):
         self.reply = None
         self.truncated = False
         self.latency_ms = None
-        self.tcp_attempted = False
+        self.socket_failed = False
         self.connected = False
         self.handshake_ok = False
         self.lost_at = None
@@ -944,9 +937,7 @@ class Probe(object):
             self._on_event(event, value)
 
     def _on_event(self, event, value):
-        if event == _event('EVENT_CONNECT_DELAYED'):
-            self.tcp_attempted = True
-        elif event == _event('EVENT_CONNECTED'):
+        if event == _event('EVENT_CONNECTED'):
             self.connected = True
             self.tcp_fd = value  # the connection's descriptor (owned by libzmq)
             if _event('EVENT_HANDSHAKE_SUCCEEDED') is None:  # libzmq < 4.3: watch it from now on
@@ -990,12 +981,14 @@ class Probe(object):
             if self.lost_at is None:
                 self.lost_at = time.monotonic()
                 self.check.push_deadline(self, self.lost_at + LOST_GRACE)
-        elif event in (_event('EVENT_CLOSED'), _event('EVENT_CONNECT_RETRIED')) and not self.connected:
-            if not self.tcp_attempted and self.check.budget.under_pressure():
-                # The I/O thread could not even create the TCP socket (out of descriptors); libzmq
-                # retries by itself. Never report our own limits as the endpoint's refusal.
-                return
+        elif event == _event('EVENT_CLOSED') and not self.connected:
+            # libzmq opened a TCP socket and its connect failed (refused, unreachable, timed out).
             self.finish(REFUSED, 'connection refused or host unreachable')
+        elif event == _event('EVENT_CONNECT_RETRIED') and not self.connected:
+            # A retry without CLOSED: the I/O thread could not even open a TCP socket (out of
+            # descriptors, no IPv6 on this host). libzmq tries again by itself; the module's own
+            # limits are never reported as the endpoint's refusal.
+            self.socket_failed = True
 
     def on_sock_ready(self):
         """The REQ socket's descriptor fired (or the socket was just armed): take the reply if there is one."""
@@ -1084,6 +1077,9 @@ class Probe(object):
         elif self.connected:
             msg = 'TCP connected, but the ZMTP%s handshake did not complete %s' % (
                 '/CURVE' if self.curve else '', within)
+        elif self.socket_failed:
+            msg = ('no TCP connection %s: this host could not open a TCP socket (out of descriptors, or no IPv6?)'
+                   % within)
         else:
             msg = 'no TCP connection %s' % within
         self.finish(TIMEOUT, msg)

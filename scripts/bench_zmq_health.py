@@ -126,11 +126,16 @@ class AgentFarm(object):
             self.procs.append(subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__), '--serve-agents', str(size), self.certdir],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+        per_process = []
         for proc in self.procs:
             line = proc.stdout.readline()
             if not line:
                 raise RuntimeError('an agent process failed to start (exit code %s)' % proc.poll())
-            self.ports.extend(json.loads(line))
+            per_process.append(json.loads(line))
+        # Interleave the processes: endpoints next to each other (checked at the same time) are
+        # served by different processes, as agents on different hosts would be.
+        for i in range(max(len(p) for p in per_process)):
+            self.ports.extend(p[i] for p in per_process if i < len(p))
         return self
 
     def stop(self):

@@ -17,7 +17,7 @@ description:
     C(deployment_lock) callback plugin of this repository releases it whatever the result of the
     run; the C(deployment_lock) role takes it.
   - The lock is a JSON file at O(path) that names its holder. It records the run id, the operator,
-    the controller's host name and machine id, the process of the run on the controller
+    the controller's host name and a hash of its machine id, the process of the run on the controller
     (C(pid:start time)), the playbook, the limit and, on the host's clock, since when it is held.
   - It is written atomically. The record is written to a private temporary file next to O(path),
     flushed to disk and hard-linked to O(path). A link never replaces an existing file, so two runs can
@@ -110,7 +110,7 @@ deployment_lock:
   contains:
     path: {description: The lock file., type: str}
     run_id: {description: This run's id., type: str}
-    state: {description: V(held) or V(released)., type: str}
+    state: {description: V(held) or V(released); V(checked) in check mode (nothing was written)., type: str}
     audit_path: {description: O(audit_path)., type: str}
 holder:
   description: The lock as found (also on failure, when another run holds it); null when there was none or it is corrupt.

@@ -725,7 +725,6 @@ class FdBudget(object):
         self.saved = None
         self.limit = None
         used = count_open_fds()
-        self.counted = used is not None
         self.base = used if used is not None else 64
         if resource is not None:
             try:

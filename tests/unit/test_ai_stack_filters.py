@@ -191,7 +191,7 @@ def running_container(spec, name, env_file_vars=None, **changes):
 def drift_setup(**changes):
     compose = filters.ai_stack_compose([{"name": "a", "port": 5000, "shared": True}], SETTINGS)
     spec = compose["services"]["a"]
-    running = {"hashes": {"a": "h1"}, "containers": [running_container(spec, "a", {"MAX_MEMORY_MB": "8192"}, **changes)]}
+    running = {"containers": [running_container(spec, "a", {"MAX_MEMORY_MB": "8192"}, **changes)]}
     return compose, running
 
 
@@ -209,11 +209,11 @@ def test_memory_changed_by_docker_update_is_drift_compose_would_not_fix():
     assert filters.ai_stack_changed_outside_compose(running, compose, "MAX_MEMORY_MB=8192") == ["a"]
 
 
-def test_a_container_from_another_compose_configuration_is_left_to_compose():
+def test_a_container_from_another_configuration_is_left_to_compose():
     compose, running = drift_setup()
-    running["hashes"] = {"a": "h2"}
+    running["containers"][0]["Config"]["Labels"]["ai-system.config-digest"] = "0123456789abcdef"
     assert filters.ai_stack_config_drift(running, compose, "MAX_MEMORY_MB=8192") == {
-        "a": ["created from another Compose configuration"]}
+        "a": ["created from another configuration"]}
     assert filters.ai_stack_changed_outside_compose(running, compose, "MAX_MEMORY_MB=8192") == []
 
 
@@ -255,14 +255,22 @@ def test_every_rendered_setting_is_compared(change, expected):
 def test_a_command_in_the_catalogue_is_compared():
     compose = filters.ai_stack_compose([{"name": "a", "port": 5000, "command": ["serve", "--fast"]}], SETTINGS)
     spec = compose["services"]["a"]
-    running = {"hashes": {}, "containers": [running_container(spec, "a")]}
+    running = {"containers": [running_container(spec, "a")]}
     assert filters.ai_stack_config_drift(running, compose) == {"a": ["command"]}
 
 
-def test_running_config_parses_hashes_and_inspect():
-    output = 'a h1\nb h2\n=== inspect\n[{"Name": "/a"}]\n'
-    assert filters.ai_stack_running_config(output) == {"hashes": {"a": "h1", "b": "h2"}, "containers": [{"Name": "/a"}]}
-    assert filters.ai_stack_running_config("") == {"hashes": {}, "containers": []}
+def test_the_config_digest_changes_with_the_service_and_the_env_file():
+    one = filters.ai_stack_compose([{"name": "a", "port": 5000}], SETTINGS)["services"]["a"]["labels"]
+    other_port = filters.ai_stack_compose([{"name": "a", "port": 5001}], SETTINGS)["services"]["a"]["labels"]
+    other_env = filters.ai_stack_compose([{"name": "a", "port": 5000}], {**SETTINGS, "env_digest": "x"})["services"]["a"]["labels"]
+    digests = {labels["ai-system.config-digest"] for labels in (one, other_port, other_env)}
+    assert len(digests) == 3 and all(len(d) == 16 for d in digests)
+
+
+def test_running_config_parses_inspect():
+    assert filters.ai_stack_running_config('[{"Name": "/a"}]\n') == {"containers": [{"Name": "/a"}]}
+    assert filters.ai_stack_running_config("") == {"containers": []}
+    assert filters.ai_stack_running_config("not json") == {"containers": []}
 
 
 def test_runtime_drift_reports_configuration_differences():

@@ -203,6 +203,7 @@ def ai_stack_compose(services: list[dict], settings: dict) -> dict:
         if service.get("gpu") and settings["gpu_reservations"]:
             spec["deploy"] = {"resources": {"reservations": {"devices": [
                 {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]}}}
+        spec["labels"][CONFIG_DIGEST_LABEL] = config_digest(spec, settings.get("env_digest", ""))
         compose_services[name] = spec
 
     used_networks = {local_net} | ({shared_net} if any(s.get("shared") for s in services) else set())
@@ -212,6 +213,23 @@ def ai_stack_compose(services: list[dict], settings: dict) -> dict:
         # Both networks are made by the swarm_network role; Compose only attaches to them.
         "networks": {n: {"external": True} for n in sorted(used_networks)},
     }
+
+
+CONFIG_DIGEST_LABEL = "ai-system.config-digest"
+
+
+def config_digest(spec: dict, env_digest: str = "") -> str:
+    """A digest of everything a service is rendered from (its Compose entry and the env
+    file), kept as a label: a container whose label differs was made from another
+    configuration. Compose's own `config --hash` does not match the hash it writes to its
+    label in Compose 2.26 (Debian 13), so the project keeps its own."""
+    import hashlib
+    import json
+
+    rendered = {k: v for k, v in spec.items() if k != "labels"}
+    rendered["labels"] = {k: v for k, v in spec.get("labels", {}).items() if k != CONFIG_DIGEST_LABEL}
+    text = json.dumps(rendered, sort_keys=True, default=str) + "\n" + env_digest
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def ai_stack_service_ports(services: list[dict], offset: int = 1000) -> dict[str, int]:
@@ -248,8 +266,8 @@ def ai_stack_runtime_drift(containers: list[dict], compose: dict, running: dict 
     """How the running containers differ from the Compose project (what a deploy would fix).
 
     `containers` is the engine's container list (docker_host_info); `running` is what
-    ai_stack_running_config reads from `docker inspect` and Compose's config hashes; with
-    it, every setting the project renders is compared (ai_stack_config_drift).
+    ai_stack_running_config reads from `docker inspect`; with it, every setting the project
+    renders is compared (ai_stack_config_drift).
     """
     by_name = {c["Names"][0].lstrip("/"): c for c in containers if c.get("Names")}
     differences = ai_stack_config_drift(running or {}, compose, env_file) if running else {}
@@ -275,7 +293,7 @@ def ai_stack_runtime_drift(containers: list[dict], compose: dict, running: dict 
     return findings
 
 
-_INSPECT_MARK = "=== inspect"
+OTHER_CONFIGURATION = "created from another configuration"
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|ms|s|m|h)")
 _DURATION_NS = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000, "h": 3_600_000_000_000}
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([bkmg]?)b?$", re.I)
@@ -283,17 +301,14 @@ _SIZE_BYTES = {"": 1, "b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
 
 
 def ai_stack_running_config(output: str) -> dict:
-    """Parse the project's read (tasks/prepare.yml): `docker compose config --hash '*'`
-    lines, then a marker, then `docker inspect` JSON of the project's containers."""
+    """The project's containers as `docker inspect` prints them (tasks/prepare.yml)."""
     import json
 
-    hashes_text, _, inspect_text = (output or "").partition(_INSPECT_MARK)
-    hashes = dict(line.split(None, 1) for line in hashes_text.splitlines() if len(line.split()) == 2)
     try:
-        containers = json.loads(inspect_text) if inspect_text.strip() else []
+        containers = json.loads(output) if (output or "").strip() else []
     except ValueError:
         containers = []
-    return {"hashes": hashes, "containers": containers if isinstance(containers, list) else []}
+    return {"containers": containers if isinstance(containers, list) else []}
 
 
 def _duration_ns(value: Any) -> int:
@@ -357,12 +372,11 @@ def _gpu_wanted(spec: dict) -> bool:
 
 def ai_stack_config_drift(running: dict, compose: dict, env_file: str = "") -> dict[str, list[str]]:
     """{service: [what differs]} between each container's running configuration and the
-    Compose project: every setting the role renders, and Compose's own config hash.
+    Compose project: every setting the role renders, and the project's config digest label.
 
     Environment differences name the keys only: values may be secret.
     """
     by_name = {c.get("Name", "").lstrip("/"): c for c in running.get("containers", [])}
-    hashes = running.get("hashes", {})
     env_common = _env_file_vars(env_file)
     drift: dict[str, list[str]] = {}
     for name, spec in compose.get("services", {}).items():
@@ -374,8 +388,9 @@ def ai_stack_config_drift(running: dict, compose: dict, env_file: str = "") -> d
         if config.get("Image") != spec.get("image"):
             found.append(f"image: {config.get('Image')} running, {spec.get('image')} wanted")
         labels = config.get("Labels") or {}
-        if hashes.get(name) and labels.get("com.docker.compose.config-hash") not in (None, hashes[name]):
-            found.append("created from another Compose configuration")
+        wanted_digest = (spec.get("labels") or {}).get(CONFIG_DIGEST_LABEL)
+        if wanted_digest and labels.get(CONFIG_DIGEST_LABEL) != wanted_digest:
+            found.append(OTHER_CONFIGURATION)
         env_running = dict(item.split("=", 1) for item in config.get("Env") or [] if "=" in item)
         env_wanted = {**env_common, **{k: str(v) for k, v in (spec.get("environment") or {}).items()}}
         env_keys = sorted(k for k, v in env_wanted.items() if env_running.get(k) != v)
@@ -412,7 +427,7 @@ def ai_stack_config_drift(running: dict, compose: dict, env_file: str = "") -> d
         networks = sorted(((info.get("NetworkSettings") or {}).get("Networks") or {}))
         if "networks" in spec and networks != sorted(spec["networks"]):
             found.append(f"networks: {', '.join(networks) or 'none'} running, {', '.join(sorted(spec['networks']))} wanted")
-        if any(labels.get(k) != v for k, v in (spec.get("labels") or {}).items()):
+        if any(labels.get(k) != v for k, v in (spec.get("labels") or {}).items() if k != CONFIG_DIGEST_LABEL):
             found.append("labels")
         logging = spec.get("logging") or {}
         log_config = host.get("LogConfig") or {}
@@ -429,10 +444,11 @@ def ai_stack_config_drift(running: dict, compose: dict, env_file: str = "") -> d
 
 
 def ai_stack_changed_outside_compose(running: dict, compose: dict, env_file: str = "") -> list[str]:
-    """Services that differ from the project although their Compose config hash matches:
-    `docker compose up` would leave them as they are, so a deploy recreates them itself."""
+    """Services that differ from the project although they were made from its current
+    configuration (digest label): `docker compose up` would leave them as they are, so a
+    deploy recreates them itself."""
     return sorted(name for name, found in ai_stack_config_drift(running or {}, compose, env_file).items()
-                  if "created from another Compose configuration" not in found)
+                  if OTHER_CONFIGURATION not in found)
 
 
 def ai_stack_unhealthy(health: dict) -> list[str]:

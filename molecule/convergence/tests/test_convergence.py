@@ -136,18 +136,21 @@ def engine_started_at(host):
     return host.check_output("systemctl show docker --property ActiveEnterTimestampMonotonic")
 
 
-def test_an_engine_configuration_change_restarts_one_host_at_a_time(mainpc, pc2, back_to_the_inventory):
+def test_an_engine_configuration_change_restarts_one_host_at_a_time(mainpc, pc2):
     before = [engine_started_at(h) for h in (mainpc, pc2)]
+    # daemon.json keeps keys the inventory does not name: take a value it does not hold yet.
+    current = json.loads(mainpc.file("/etc/docker/daemon.json").content_string).get("max-concurrent-downloads", 3)
+    downloads = current % 5 + 1
     prober = Prober()
     prober.start()
     try:
-        result = run_playbook(SITE, "-e", '{"docker_daemon_options": {"max-concurrent-downloads": 4}}')
+        result = run_playbook(SITE, "-e", json.dumps({"docker_daemon_options": {"max-concurrent-downloads": downloads}}))
     finally:
         prober.stop.set()
         prober.join()
     # Both engines restarted, for the new daemon.json ...
     for host, started in zip((mainpc, pc2), before):
-        assert json.loads(host.file("/etc/docker/daemon.json").content_string)["max-concurrent-downloads"] == 4
+        assert json.loads(host.file("/etc/docker/daemon.json").content_string)["max-concurrent-downloads"] == downloads
         assert engine_started_at(host) != started
     samples = [up for _, up in prober.samples]
     assert len(samples) > 20
@@ -156,9 +159,10 @@ def test_an_engine_configuration_change_restarts_one_host_at_a_time(mainpc, pc2,
     # ... and never both at once.
     assert not [up for up in samples if up["ai-lab-mainpc"] == 0 and up["ai-lab-pc2"] == 0]
     assert "Restart this host's engine for its changed configuration" in result.stdout
-    # Back to the inventory's configuration: one more gated restart per host, then no change.
-    run_playbook(SITE)
+    # The next run: nothing to change, no restart, no container recreated.
+    after = [engine_started_at(h) for h in (mainpc, pc2)]
     assert_converged(mainpc, pc2)
+    assert [engine_started_at(h) for h in (mainpc, pc2)] == after
 
 
 @pytest.fixture(autouse=True)

@@ -513,6 +513,135 @@ def ai_stack_pull_failure(error: str, secret: str = "") -> str:
     return f"{reason} ({detail[:400]})" if detail else reason
 
 
+# Release history (tasks/releases.yml, tasks/rollback_to.yml): releases/index.json on each host
+# lists the kept healthy releases, oldest first, and which of them runs now ("current").
+RELEASE_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{12}$")
+
+
+def _repository(ref: str) -> str:
+    """The repository of an image reference (without tag or digest)."""
+    ref = ref.split("@", 1)[0]
+    return ref.rsplit(":", 1)[0] if ":" in ref.rsplit("/", 1)[-1] else ref
+
+
+def ai_stack_release_index(content: Any) -> dict:
+    """The release index as read from the host (slurp's base64-decoded text, or a dict)."""
+    import json
+
+    if isinstance(content, dict):
+        index = content
+    else:
+        try:
+            index = json.loads(content) if str(content or "").strip() else {}
+        except ValueError:
+            index = {}
+    releases = [r for r in index.get("releases") or [] if isinstance(r, dict) and RELEASE_ID.match(str(r.get("id", "")))]
+    releases.sort(key=lambda r: r["id"])
+    current = index.get("current") if index.get("current") in {r["id"] for r in releases} else ""
+    return {"releases": releases, "current": current}
+
+
+def ai_stack_release_plan(index: Any, compose_sha1: str, images: dict, now: str, keep: int) -> dict:
+    """What recording a healthy deployment does to the release history.
+
+    `compose_sha1`: sha1 of the deployed compose.yaml (it carries the env file's digest, so it
+    names the whole project); `images`: {reference: registry digest}; `now`: UTC
+    `YYYYmmddTHHMMSSZ`. A release with the same compose file becomes current again (no new
+    release); otherwise a new one, `<now>-<12 hex of the sha1>`, is made and becomes current.
+    The newest `keep` releases are kept, and always the current one. Returns the new index,
+    the id to create ('' for none) and the ids to remove.
+    """
+    keep = int(keep)
+    if keep < 1:
+        raise ValueError(f"ai_stack_releases_keep must be at least 1, got {keep}")
+    index = ai_stack_release_index(index)
+    releases = list(index["releases"])
+    same = [r for r in releases if r.get("compose_sha1") == compose_sha1]
+    create = ""
+    if same:
+        current = same[-1]["id"]
+    else:
+        create = f"{now}-{compose_sha1[:12]}"
+        while create in {r["id"] for r in releases}:  # pragma: no cover - same second and digest
+            create = f"{now}-{compose_sha1[:12]}x"
+        releases.append({"id": create, "time": now, "compose_sha1": compose_sha1, "images": dict(images or {})})
+        current = create
+    kept = releases[-keep:]
+    if current not in {r["id"] for r in kept}:
+        # The current release is older than the newest `keep`: it stays, with the newest others.
+        others = [r for r in releases if r["id"] != current]
+        kept = sorted([r for r in releases if r["id"] == current] + (others[-(keep - 1):] if keep > 1 else []),
+                      key=lambda r: r["id"])
+    removed = [r["id"] for r in releases if r not in kept]
+    return {"index": {"releases": kept, "current": current}, "create": create, "remove": removed}
+
+
+def ai_stack_release_select(index: Any, wanted: Any, host: str = "") -> dict:
+    """The release to roll back to: an id, or 'previous' (the one kept before the current one).
+
+    Returns {'release': manifest or {}, 'error': '' or a sentence for the operator}.
+    """
+    index = ai_stack_release_index(index)
+    releases, current = index["releases"], index["current"]
+    wanted = str(wanted or "").strip()
+    where = f" on {host}" if host else ""
+    kept = ", ".join(r["id"] + (" (current)" if r["id"] == current else "") for r in releases) or "none"
+    if not wanted:
+        return {"release": {}, "error": "set -e release=<id>|previous"}
+    if not releases:
+        return {"release": {}, "error": f"No release is recorded{where} yet (a healthy site.yml deploy records one)."}
+    if wanted == "previous":
+        ids = [r["id"] for r in releases]
+        position = ids.index(current) if current else len(ids) - 1
+        if position == 0:
+            return {"release": {}, "error": f"No release before the current one{where} (kept: {kept})."}
+        return {"release": releases[position - 1], "error": ""}
+    found = [r for r in releases if r["id"] == wanted]
+    if not found:
+        return {"release": {}, "error": f"Release {wanted} does not exist{where} (kept: {kept})."}
+    return {"release": found[0], "error": ""}
+
+
+def ai_stack_release_images(index: Any, extra: Any = None) -> dict:
+    """{reference: digest} of every kept release (and `extra`, e.g. what this run deployed)."""
+    found: dict[str, str] = {}
+    for release in ai_stack_release_index(index)["releases"]:
+        for ref, digest in (release.get("images") or {}).items():
+            found[ref] = found.get(ref) or digest or ""
+    for ref, digest in (extra or {}).items():
+        found[ref] = found.get(ref) or digest or ""
+    return found
+
+
+def ai_stack_images_to_prune(host_info: dict, referenced: dict, never: Any = ()) -> list[str]:
+    """The images to remove: of the stack's repositories only, referenced by no kept release
+    (neither by tag nor by registry digest) and used by no container (running or not).
+
+    `host_info`: a docker_host_info result with images and containers (verbose);
+    `referenced`: {reference: digest}, whose repositories are the stack's; `never`:
+    repositories never removed (the network anchor). Tagged images are removed by their
+    tags, untagged ones (a tag that moved) by id.
+    """
+    repositories = {_repository(ref) for ref in referenced} - {_repository(r) for r in never or ()}
+    kept_refs = set(referenced)
+    kept_digests = {d for d in referenced.values() if d}
+    used = {c.get("ImageID") for c in host_info.get("containers") or []} | \
+        {c.get("Image") for c in host_info.get("containers") or []}
+    remove = []
+    for image in host_info.get("images") or []:
+        tags = [t for t in image.get("RepoTags") or [] if t and t != "<none>:<none>"]
+        digests = [d for d in image.get("RepoDigests") or [] if d and "@" in d and not d.startswith("<none>")]
+        names = tags or [d.split("@", 1)[0] for d in digests]
+        if not names or any(_repository(n) not in repositories for n in names):
+            continue
+        if image.get("Id") in used or any(t in used for t in tags):
+            continue
+        if any(t in kept_refs for t in tags) or any(d.split("@", 1)[1] in kept_digests for d in digests):
+            continue
+        remove.extend(sorted(tags) if tags else [image["Id"]])
+    return remove
+
+
 class FilterModule:
     def filters(self):
         return {
@@ -530,4 +659,9 @@ class FilterModule:
             "ai_stack_pull_failure": ai_stack_pull_failure,
             "ai_stack_image_digests": ai_stack_image_digests,
             "ai_stack_image_table": ai_stack_image_table,
+            "ai_stack_release_index": ai_stack_release_index,
+            "ai_stack_release_plan": ai_stack_release_plan,
+            "ai_stack_release_select": ai_stack_release_select,
+            "ai_stack_release_images": ai_stack_release_images,
+            "ai_stack_images_to_prune": ai_stack_images_to_prune,
         }

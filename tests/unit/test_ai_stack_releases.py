@@ -140,6 +140,16 @@ def test_prune_never_touches_the_anchor_even_when_it_shares_the_repository_list(
     assert filters.ai_stack_images_to_prune(info, {"ai-system/network-anchor:2": ""}, ["ai-system/network-anchor"]) == []
 
 
+def test_prune_untags_an_unreferenced_tag_of_an_image_still_needed():
+    shared = image("sha256:1", [f"{REG}:lab", f"{REG}:lab-next"], [f"{REG}@sha256:lab"])
+    used = image("sha256:2", [f"{REG}:old", f"{REG}:older"])
+    info = {"images": [shared, used], "containers": [{"Image": f"{REG}:old", "ImageID": "sha256:2"}]}
+    assert filters.ai_stack_images_to_prune(info, {f"{REG}:lab": "sha256:lab"}) == [f"{REG}:lab-next", f"{REG}:older"]
+    # Needed by id or digest only, with no tag to keep: left as it is.
+    info = {"images": [image("sha256:3", [f"{REG}:x"], [f"{REG}@sha256:kept"])], "containers": []}
+    assert filters.ai_stack_images_to_prune(info, {f"{REG}:lab": "sha256:kept"}) == []
+
+
 def test_prune_keeps_an_image_that_also_carries_a_foreign_tag():
     info = {"images": [image("sha256:1", [f"{REG}:old", "mirror.example/agent:old"])], "containers": []}
     assert filters.ai_stack_images_to_prune(info, {f"{REG}:lab": ""}) == []

@@ -614,19 +614,22 @@ def ai_stack_release_images(index: Any, extra: Any = None) -> dict:
 
 
 def ai_stack_images_to_prune(host_info: dict, referenced: dict, never: Any = ()) -> list[str]:
-    """The images to remove: of the stack's repositories only, referenced by no kept release
-    (neither by tag nor by registry digest) and used by no container (running or not).
+    """The image references to remove: of the stack's repositories only, referenced by no kept
+    release (neither by tag nor by registry digest) and used by no container (running or not).
 
     `host_info`: a docker_host_info result with images and containers (verbose);
     `referenced`: {reference: digest}, whose repositories are the stack's; `never`:
-    repositories never removed (the network anchor). Tagged images are removed by their
-    tags, untagged ones (a tag that moved) by id.
+    repositories never removed (the network anchor). An image nothing needs is removed by all
+    its tags (by id when untagged, e.g. a tag that moved); an image still needed loses only its
+    unreferenced tags (e.g. lab-next when it is the same image as lab). An image that also
+    carries a tag of another repository is left alone.
     """
     repositories = {_repository(ref) for ref in referenced} - {_repository(r) for r in never or ()}
     kept_refs = set(referenced)
     kept_digests = {d for d in referenced.values() if d}
-    used = {c.get("ImageID") for c in host_info.get("containers") or []} | \
-        {c.get("Image") for c in host_info.get("containers") or []}
+    containers = host_info.get("containers") or []
+    used_ids = {c.get("ImageID") for c in containers}
+    used_names = {c.get("Image") for c in containers}
     remove = []
     for image in host_info.get("images") or []:
         tags = [t for t in image.get("RepoTags") or [] if t and t != "<none>:<none>"]
@@ -634,11 +637,13 @@ def ai_stack_images_to_prune(host_info: dict, referenced: dict, never: Any = ())
         names = tags or [d.split("@", 1)[0] for d in digests]
         if not names or any(_repository(n) not in repositories for n in names):
             continue
-        if image.get("Id") in used or any(t in used for t in tags):
-            continue
-        if any(t in kept_refs for t in tags) or any(d.split("@", 1)[1] in kept_digests for d in digests):
-            continue
-        remove.extend(sorted(tags) if tags else [image["Id"]])
+        keep_tags = {t for t in tags if t in kept_refs or t in used_names}
+        needed = bool(keep_tags) or image.get("Id") in used_ids or image.get("Id") in used_names \
+            or any(d.split("@", 1)[1] in kept_digests for d in digests)
+        if not needed:
+            remove.extend(sorted(tags) if tags else [image["Id"]])
+        elif keep_tags:
+            remove.extend(sorted(set(tags) - keep_tags))
     return remove
 
 

@@ -147,6 +147,17 @@ class _LockTimeout(Exception):
     pass
 
 
+def _try_flock(fd, operation):
+    """flock(FD, OPERATION) without waiting: True when taken, False when held elsewhere."""
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise
+        return False
+
+
 def _flock(fd, operation, timeout):
     """flock(FD, OPERATION), waiting at most TIMEOUT seconds (then _LockTimeout).
 
@@ -154,12 +165,8 @@ def _flock(fd, operation, timeout):
     starved by writers. Its timeout is a SIGALRM timer, which only the main thread can use
     (modules always run there); elsewhere, or when that timer is in use, the lock is polled.
     """
-    try:
-        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+    if _try_flock(fd, operation):
         return
-    except OSError as e:
-        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            raise
     if timeout <= 0:
         raise _LockTimeout()
     if (threading.current_thread() is threading.main_thread() and hasattr(signal, 'setitimer')
@@ -178,12 +185,8 @@ def _flock(fd, operation, timeout):
     delay = 0.001
     while True:
         time.sleep(delay)
-        try:
-            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        if _try_flock(fd, operation):
             return
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
         if time.monotonic() >= deadline:
             raise _LockTimeout()
         delay = min(delay * 2, 0.01)

@@ -252,6 +252,14 @@ def describe(holder, age):
                                                      holder.get('since') or utc_iso(holder['since_epoch']), human_age(age))
 
 
+def dump_synced(record, f):
+    """RECORD as JSON into the open file F, flushed to disk."""
+    json.dump(record, f, indent=1, sort_keys=True)
+    f.write('\n')
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def write_new(path, record):
     """Write RECORD atomically at PATH; False if PATH appeared meanwhile (never replaces it)."""
     directory = os.path.dirname(path)
@@ -259,10 +267,7 @@ def write_new(path, record):
     try:
         with os.fdopen(fd, 'w') as f:
             os.fchmod(f.fileno(), 0o644)
-            json.dump(record, f, indent=1, sort_keys=True)
-            f.write('\n')
-            f.flush()
-            os.fsync(f.fileno())
+            dump_synced(record, f)
         try:
             os.link(tmp, path)
         except OSError as e:
@@ -278,10 +283,7 @@ def write_new(path, record):
                     return False
                 raise
             with os.fdopen(out, 'w') as f:
-                json.dump(record, f, indent=1, sort_keys=True)
-                f.write('\n')
-                f.flush()
-                os.fsync(f.fileno())
+                dump_synced(record, f)
         return True
     finally:
         try:
@@ -298,10 +300,7 @@ def replace(path, record):
     try:
         with os.fdopen(fd, 'w') as f:
             os.fchmod(f.fileno(), 0o644)
-            json.dump(record, f, indent=1, sort_keys=True)
-            f.write('\n')
-            f.flush()
-            os.fsync(f.fileno())
+            dump_synced(record, f)
         os.replace(tmp, path)
     except BaseException:
         try:

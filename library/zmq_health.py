@@ -382,6 +382,10 @@ MAX_REPLY_DEPTH = 32
 MAX_DETAIL_CHARS = 120
 #: Longest integer accepted in a JSON reply (Python >= 3.11 refuses longer ones by default).
 MAX_INT_DIGITS = 4300
+#: Replies of at most this many bytes (one frame) are evaluated once per distinct reply and expect,
+#: for at most REPLY_CACHE_ENTRIES distinct ones (the verdict depends only on the bytes and expect).
+REPLY_CACHE_MAX_BYTES = 4096
+REPLY_CACHE_ENTRIES = 256
 #: Descriptors one endpoint check holds: the REQ socket's and the two monitor sockets' mailboxes
 #: (eventfd) and the TCP connection.
 FDS_PER_PROBE = 4
@@ -396,6 +400,10 @@ RESOLVER_THREADS = 8
 #: After a connection drops once the handshake succeeded, wait this long for a reply that the
 #: I/O thread may still be delivering before calling the reply lost.
 LOST_GRACE = 0.05
+#: A slot (REQ socket + monitor, see Slot) is not used for the same endpoint address again within this
+#: many seconds: monitor events of the old connection may still arrive, and only the address tells
+#: them apart.
+STALE_EVENTS_WINDOW = 1.0
 #: libzmq bounds each frame (MAXMSGSIZE) but not the number of frames of a message, and buffers a
 #: multi-frame reply until its last frame: a hostile server could make the module buffer without
 #: end. So every this many seconds the byte count of the TCP connections still waiting for their
@@ -403,6 +411,8 @@ LOST_GRACE = 0.05
 #: 64 KiB (room for framing and the handshake) is closed as bad_reply.
 SIZE_CHECK_INTERVAL = 0.05
 TCPI_BYTES_RECEIVED = struct.Struct('=Q')
+#: A monitor event's first frame: event number (uint16) and value (int32), native byte order.
+_EVENT_HEADER = struct.Struct('=Hi')
 TCPI_BYTES_RECEIVED_OFFSET = 128  # struct tcp_info, Linux >= 4.1
 
 URL_RE = re.compile(r'^tcp://(?P<host>\[[^\[\]]*\]|[^\[\]:/]+):(?P<port>[0-9]{1,5})$')
@@ -560,6 +570,43 @@ def shown_reply(raw, data, is_json):
 
 def _json_len(text):
     return len(json.dumps(text, ensure_ascii=False))
+
+
+def evaluate_reply(frames, target, max_reply_size):
+    """(state, message, shown reply, truncated) for the reply FRAMES of TARGET; depends on nothing else."""
+    size = sum(len(f) for f in frames)
+    raw = frames[0] if frames else b''
+    if size > max_reply_size:
+        shown, truncated = shown_reply(raw, None, False)
+        return (BAD_REPLY, 'the reply has %d bytes, more than max_reply_size (%d)' % (size, max_reply_size),
+                shown, truncated)
+    data, is_json, why = parse_reply(raw)
+    shown, truncated = shown_reply(raw, data, is_json)
+    if is_json and isinstance(data, dict) and data.get('status') == DEGRADED:
+        detail = data.get('message')
+        return (DEGRADED, 'the server reports status degraded' + (': %s' % short(detail) if detail else ''),
+                shown, truncated)
+    try:
+        ok = jmespath_truthy(target.expect.search(data))
+    except Exception as e:  # JMESPathError, ValueError ('[::0]'), RecursionError, TypeError, ...
+        return (BAD_REPLY, 'expect %s could not be evaluated on the reply: %s: %s'
+                % (short(target.expect_text, 80), type(e).__name__, short(str(e), 80)), shown, truncated)
+    if ok:
+        return HEALTHY, None, shown, truncated
+    if not is_json:
+        if not raw:
+            what = 'the reply is empty'
+        else:
+            what = 'the reply is %s' % why
+        return (BAD_REPLY, '%s and expect %s is false on the raw reply %s'
+                % (what, short(target.expect_text, 80), short(shown if isinstance(shown, str) else '', 60)),
+                shown, truncated)
+    detail = ''
+    if isinstance(data, dict):
+        parts = ['%s: %s' % (k, short(data[k], 60)) for k in ('status', 'message') if k in data]
+        detail = ' (%s)' % ', '.join(parts) if parts else ''
+    return (BAD_REPLY, 'expect %s is false on the reply%s' % (short(target.expect_text, 80), detail),
+            shown, truncated)
 
 
 # ------------------------------------------------------------------------------------ targets
@@ -749,23 +796,32 @@ class FdBudget(object):
             self.cap = max(1, min(endpoints, MAX_CONCURRENCY,
                                   (self.limit - self.base - RESERVED_FDS) // FDS_PER_PROBE))
         self.estimate = self.base
+        self.recounted = False
         self.refill = max(1, min(64, self.cap // 8))
 
-    def free_slots(self, inflight, wanted):
-        """How many more probes may start now (at most WANTED)."""
-        if self.limit is None:
-            return wanted
-        if self.estimate + FDS_PER_PROBE * wanted + RESERVED_FDS <= self.limit:
-            return wanted
-        used = count_open_fds()
-        if used is None:
-            used = self.base + FDS_PER_PROBE * inflight
-        # An in-flight probe may still open its TCP connection (the I/O thread does that later).
-        self.estimate = used + inflight
-        return max(0, min(wanted, (self.limit - RESERVED_FDS - self.estimate) // FDS_PER_PROBE))
+    def new_round(self):
+        """Allow one recount of the descriptors in use (called once per round of starts)."""
+        self.recounted = False
 
-    def started(self):
-        self.estimate += FDS_PER_PROBE
+    def reserve(self, cost, unconnected, floor):
+        """Whether COST more descriptors may be taken now; if so, they are counted as used.
+
+        When the estimate comes near the limit the descriptors really open are counted (closed
+        connections and sockets release theirs asynchronously); UNCONNECTED() is how many checks
+        in flight may still open their TCP connection, FLOOR() an estimate if nothing can be counted.
+        """
+        if self.limit is None:
+            return True
+        if self.estimate + cost + RESERVED_FDS > self.limit:
+            if self.recounted:
+                return False
+            self.recounted = True
+            used = count_open_fds()
+            self.estimate = floor() if used is None else used + unconnected()
+            if self.estimate + cost + RESERVED_FDS > self.limit:
+                return False
+        self.estimate += cost
+        return True
 
     def restore(self):
         if self.saved is not None:
@@ -840,10 +896,117 @@ def tcp_bytes_received(fd, port):
 
 
 # ------------------------------------------------------------------------------------ probes
-class Probe(object):
-    """One attempt against one endpoint: a REQ socket plus its monitor socket."""
+class Slot(object):
+    """A REQ socket with its monitor, reused for one endpoint check after the other.
 
-    __slots__ = ('target', 'check', 'curve', 'sock', 'monitor', 'monitoring', 'fds', 't0', 'deadline', 'cut_short',
+    Creating and closing three sockets (the REQ socket, the monitor's two PAIR sockets) for every
+    endpoint cost more CPU than the check itself. A slot keeps them: each check connects the REQ
+    socket to its endpoint, sends the request and disconnects again when the check ends
+    (ZMQ_REQ_RELAXED lets the socket send a new request although the last one got no reply; REQ
+    only takes the reply from the connection the request went out on, so a late reply of an earlier
+    check is dropped). The monitor reports the events of every connection of the socket, each with
+    its endpoint address; a check only acts on events with its own address (see Probe.on_monitor),
+    and a slot is not used for the same address again within STALE_EVENTS_WINDOW.
+    """
+
+    __slots__ = ('sock', 'monitor', 'monitoring', 'fds', 'probe', 'server_key', 'ipv6', 'url', 'last_url')
+
+    def __init__(self, ctx, check, seq):
+        self.sock = self.monitor = None
+        self.monitoring = False
+        self.probe = None
+        self.server_key = None
+        self.ipv6 = False
+        self.url = None       # the endpoint the socket is connected to
+        self.last_url = None  # the endpoint of the last check
+        try:
+            sock = self.sock = ctx.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, check.max_frame_size)
+            sock.setsockopt(zmq.REQ_RELAXED, 1)
+            # IMMEDIATE is deliberately not set: a REQ socket with IMMEDIATE has no pipe until the
+            # handshake completed, so the non-blocking send of a check would fail with EAGAIN. Without
+            # it the request is queued on the pipe created by connect() and sent once the connection is up.
+            # A unique address: pyzmq's get_monitor_socket() derives it from the descriptor number,
+            # which a new socket reuses while the old endpoint may still be registered.
+            address = 'inproc://zmq-health-monitor-%d' % seq
+            sock.monitor(address, check.monitor_events)
+            self.monitoring = True
+            monitor = self.monitor = ctx.socket(zmq.PAIR)
+            monitor.setsockopt(zmq.LINGER, 0)
+            # No high-water mark: libzmq's I/O thread blocks when it cannot queue a monitor event.
+            monitor.setsockopt(zmq.RCVHWM, 0)
+            monitor.connect(address)
+            self.fds = (sock.getsockopt(zmq.FD), monitor.getsockopt(zmq.FD))
+        except Exception:
+            self.close()
+            raise
+
+    def connect(self, probe, connect_url, ipv6, keys):
+        """Connect the REQ socket for PROBE and queue its request; on error the slot is clean again."""
+        sock = self.sock
+        if keys is not None:
+            server_key = probe.target.server_key or keys.server_public_key
+            if self.server_key is None:
+                apply_client_curve(sock, keys, server_key)
+                self.server_key = server_key
+            elif server_key != self.server_key:
+                sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+                self.server_key = server_key
+        if ipv6 != self.ipv6:
+            sock.setsockopt(zmq.IPV6, 1 if ipv6 else 0)
+            self.ipv6 = ipv6
+        sock.connect(connect_url)
+        self.url = self.last_url = connect_url
+        try:
+            sock.send(probe.target.request_bytes, zmq.NOBLOCK)
+        except Exception:
+            self.disconnect()
+            raise
+        self.probe = probe
+
+    def disconnect(self):
+        """End the current check's connection (the slot can take the next check right away)."""
+        self.probe = None
+        url, self.url = self.url, None
+        if url is not None and self.sock is not None:
+            try:
+                self.sock.disconnect(url)
+            except zmq.ZMQError:
+                pass  # libzmq already dropped the endpoint
+
+    def drain(self):
+        """Read and drop what arrived while no check uses the slot (re-arms ZMQ_FD)."""
+        monitor = self.monitor
+        while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            monitor.recv_multipart(zmq.NOBLOCK)
+        self.sock.getsockopt(zmq.EVENTS)
+
+    def close(self):
+        # Stop the monitor while its PAIR socket is still connected, and never ask for the
+        # MONITOR_STOPPED event: libzmq sends monitor events with a blocking send, which hangs when
+        # the receiving PAIR socket is gone (issue 12: disable_monitor() after a failed
+        # get_monitor_socket() blocked forever). Once stopped, teardown events are dropped.
+        if self.sock is not None and self.monitoring:
+            try:
+                self.sock.monitor(None, 0)
+            except Exception:
+                pass
+        self.monitoring = False
+        for sock in (self.monitor, self.sock):
+            if sock is not None:
+                try:
+                    sock.close(linger=0)
+                except Exception:
+                    pass
+        self.sock = self.monitor = None
+        self.probe = None
+
+
+class Probe(object):
+    """One attempt against one endpoint, on a Slot (a REQ socket and its monitor)."""
+
+    __slots__ = ('target', 'check', 'curve', 'slot', 'address', 't0', 'deadline', 'cut_short',
                  'done', 'state', 'message', 'reply', 'truncated', 'latency_ms', 'socket_failed', 'connected',
                  'handshake_ok', 'lost_at', 'tcp_fd')
 
@@ -851,10 +1014,8 @@ class Probe(object):
         self.target = target
         self.check = check
         self.curve = check.keys is not None
-        self.sock = None
-        self.monitor = None
-        self.monitoring = False
-        self.fds = ()
+        self.slot = None
+        self.address = None
         self.t0 = None
         self.deadline = None
         self.cut_short = False
@@ -870,36 +1031,13 @@ class Probe(object):
         self.lost_at = None
         self.tcp_fd = None
 
-    def start(self, ctx, connect_url, ipv6, seq):
-        """Create the sockets, connect and queue the request. On any error everything is closed again."""
+    def start(self, slot, connect_url, ipv6):
+        """Connect SLOT's socket and queue the request. On any error the slot is left idle."""
         check = self.check
-        try:
-            sock = self.sock = ctx.socket(zmq.REQ)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.MAXMSGSIZE, check.max_frame_size)
-            # IMMEDIATE is deliberately not set: a REQ socket with IMMEDIATE has no pipe until the
-            # handshake completed, so the non-blocking send below would fail with EAGAIN. Without it the
-            # request is queued on the pipe created by connect() and sent once the connection is up.
-            if ipv6:
-                sock.setsockopt(zmq.IPV6, 1)
-            if self.curve:
-                apply_client_curve(sock, check.keys, self.target.server_key)
-            # A unique address: pyzmq's get_monitor_socket() derives it from the descriptor number,
-            # which a new socket reuses while the old endpoint may still be registered.
-            address = 'inproc://zmq-health-monitor-%d' % seq
-            sock.monitor(address, check.monitor_events)
-            self.monitoring = True
-            monitor = self.monitor = ctx.socket(zmq.PAIR)
-            monitor.setsockopt(zmq.LINGER, 0)
-            # No high-water mark: libzmq's I/O thread blocks when it cannot queue a monitor event.
-            monitor.setsockopt(zmq.RCVHWM, 0)
-            monitor.connect(address)
-            sock.connect(connect_url)
-            sock.send(self.target.request_bytes, zmq.NOBLOCK)
-            self.fds = (sock.getsockopt(zmq.FD), monitor.getsockopt(zmq.FD))
-        except Exception:
-            self.close()
-            raise
+        slot.connect(self, connect_url, ipv6, check.keys)
+        self.slot = slot
+        # libzmq names the endpoint in every monitor event exactly as it was given to connect().
+        self.address = connect_url.encode('utf-8')
         self.t0 = time.monotonic()
         deadline = self.t0 + check.timeout
         if deadline > check.hard_deadline:
@@ -924,15 +1062,17 @@ class Probe(object):
         return self.state == HEALTHY or (self.state == DEGRADED and self.check.allow_degraded)
 
     def on_monitor(self):
-        """Drain the monitor socket; classify as soon as an event says how the attempt ended."""
-        while not self.done:
-            try:
-                frames = self.monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if not frames or len(frames[0]) < 6:
+        """Drain the monitor socket; classify as soon as an event says how the attempt ended.
+
+        Events of the slot's earlier connections (their endpoint address differs) are dropped.
+        """
+        monitor = self.slot.monitor
+        address = self.address
+        while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            frames = monitor.recv_multipart(zmq.NOBLOCK)
+            if self.done or len(frames) < 2 or frames[1] != address or len(frames[0]) < 6:
                 continue
-            event, value = struct.unpack('=Hi', frames[0][:6])
+            event, value = _EVENT_HEADER.unpack_from(frames[0])
             self._on_event(event, value)
 
     def _on_event(self, event, value):
@@ -991,12 +1131,12 @@ class Probe(object):
 
     def on_sock_ready(self):
         """The REQ socket's descriptor fired (or the socket was just armed): take the reply if there is one."""
-        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if self.slot.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             self.on_reply()
 
     def on_reply(self):
         try:
-            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            frames = self.slot.sock.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             return
         except zmq.ZMQError as e:
@@ -1006,46 +1146,18 @@ class Probe(object):
 
     def finish_with_reply(self, frames):
         check = self.check
-        target = self.target
-        size = sum(len(f) for f in frames)
-        raw = frames[0] if frames else b''
-        if size > check.max_reply_size:
-            shown, truncated = shown_reply(raw, None, False)
-            self.finish(BAD_REPLY, 'the reply has %d bytes, more than max_reply_size (%d)'
-                        % (size, check.max_reply_size), reply=shown, truncated=truncated)
-            return
-        data, is_json, why = parse_reply(raw)
-        shown, truncated = shown_reply(raw, data, is_json)
-        if is_json and isinstance(data, dict) and data.get('status') == DEGRADED:
-            detail = data.get('message')
-            self.finish(DEGRADED, 'the server reports status degraded' + (': %s' % short(detail) if detail else ''),
-                        reply=shown, truncated=truncated)
-            return
-        try:
-            ok = jmespath_truthy(target.expect.search(data))
-        except Exception as e:  # JMESPathError, ValueError ('[::0]'), RecursionError, TypeError, ...
-            self.finish(BAD_REPLY, 'expect %s could not be evaluated on the reply: %s: %s'
-                        % (short(target.expect_text, 80), type(e).__name__, short(str(e), 80)),
-                        reply=shown, truncated=truncated)
-            return
-        if ok:
-            self.finish(HEALTHY, None, reply=shown, truncated=truncated)
-        elif not is_json:
-            if not raw:
-                what = 'the reply is empty'
-            else:
-                what = 'the reply is %s' % why
-            self.finish(BAD_REPLY, '%s and expect %s is false on the raw reply %s'
-                        % (what, short(target.expect_text, 80), short(shown if isinstance(shown, str)
-                                                                      else '', 60)),
-                        reply=shown, truncated=truncated)
+        if len(frames) == 1 and len(frames[0]) <= REPLY_CACHE_MAX_BYTES:
+            # Agents mostly answer with the same bytes: evaluate each distinct reply once per expect.
+            key = (self.target.expect_text, frames[0])
+            verdict = check.reply_cache.get(key)
+            if verdict is None:
+                verdict = evaluate_reply(frames, self.target, check.max_reply_size)
+                if len(check.reply_cache) < REPLY_CACHE_ENTRIES:
+                    check.reply_cache[key] = verdict
         else:
-            detail = ''
-            if isinstance(data, dict):
-                parts = ['%s: %s' % (k, short(data[k], 60)) for k in ('status', 'message') if k in data]
-                detail = ' (%s)' % ', '.join(parts) if parts else ''
-            self.finish(BAD_REPLY, 'expect %s is false on the reply%s' % (short(target.expect_text, 80), detail),
-                        reply=shown, truncated=truncated)
+            verdict = evaluate_reply(frames, self.target, check.max_reply_size)
+        state, message, shown, truncated = verdict
+        self.finish(state, message, reply=shown, truncated=truncated)
 
     def check_wire_size(self):
         """Close the attempt if its connection received far more than max_reply_size (see SIZE_CHECK_INTERVAL)."""
@@ -1083,24 +1195,10 @@ class Probe(object):
             msg = 'no TCP connection %s' % within
         self.finish(TIMEOUT, msg)
 
-    def close(self):
-        # Stop the monitor while its PAIR socket is still connected, and never ask for the
-        # MONITOR_STOPPED event: libzmq sends monitor events with a blocking send, which hangs when
-        # the receiving PAIR socket is gone (issue 12: disable_monitor() after a failed
-        # get_monitor_socket() blocked forever). Once stopped, teardown events are dropped.
-        if self.sock is not None and self.monitoring:
-            try:
-                self.sock.monitor(None, 0)
-            except Exception:
-                pass
-        self.monitoring = False
-        for sock in (self.monitor, self.sock):
-            if sock is not None:
-                try:
-                    sock.close(linger=0)
-                except Exception:
-                    pass
-        self.sock = self.monitor = None
+    def release(self):
+        """Disconnect from the endpoint; the slot is free for the next check."""
+        if self.slot is not None:
+            self.slot.disconnect()
 
     def result(self, attempts):
         return dict(name=self.target.name, url=self.target.url, state=self.state, healthy=self.passes(),
@@ -1140,6 +1238,7 @@ class HealthCheck(object):
         self._deadlines = []  # heap of (time, seq, probe)
         self.awaiting = set()  # probes past the handshake, waiting for their reply
         self.max_wire_bytes = 2 * max_reply_size + 65536
+        self.reply_cache = {}  # (expect text, reply bytes) -> evaluate_reply() verdict
         self._seq = 0
 
     def push_deadline(self, probe, when):
@@ -1157,7 +1256,10 @@ class HealthCheck(object):
         retry_at = []                 # heap of (time, index, target)
         dns_wait = {}                 # host -> [(target, is_retry)]
         addresses = {}                # host -> (address, ipv6)
-        probes = {}                   # fd -> (probe, is_monitor)
+        by_fd = {}                    # fd -> (slot, is_monitor)
+        slots = []                    # every slot (REQ socket + monitor) made so far
+        idle = collections.deque()    # slots without a check
+        released = {}                 # endpoint address -> [(slot, time)] of its last checks
         inflight = 0
         backoff_until = 0.0
         next_size_check = start + SIZE_CHECK_INTERVAL
@@ -1171,11 +1273,51 @@ class HealthCheck(object):
             else:
                 (retry if is_retry else first).append(target)
 
+        def unconnected():
+            return sum(1 for slot in slots if slot.probe is not None and not slot.probe.connected)
+
+        def fd_floor():
+            return budget.base + (FDS_PER_PROBE - 1) * len(slots) + inflight
+
+        def idle_slot(connect_url, now):
+            """An idle slot that did not check CONNECT_URL lately, or None: make a new one.
+
+            Monitor events of a connection can still arrive briefly after the disconnect, and they
+            carry only the endpoint address: a slot is not used for the same address again within
+            STALE_EVENTS_WINDOW. If every idle slot did, one of them is replaced by a new one.
+            """
+            recent = released.get(connect_url)
+            avoid = ()
+            if recent is not None:
+                avoid = [slot for slot, when in recent if now - when < STALE_EVENTS_WINDOW]
+                if not avoid:
+                    del released[connect_url]
+            if not idle:
+                return None
+            if not avoid:
+                return idle.popleft()
+            for _ in range(min(len(idle), 8)):
+                slot = idle.popleft()
+                if slot not in avoid:
+                    return slot
+                idle.append(slot)
+            if len(slots) < budget.cap:
+                return None
+            retire(idle.popleft())
+            return None
+
+        def retire(slot):
+            slots.remove(slot)
+            for fd in slot.fds:
+                by_fd.pop(fd, None)
+                poller.unregister(fd)
+            slot.close()
+
         try:
             ctx = zmq.Context(io_threads=IO_THREADS)
             # The context's own socket limit (default 1023): zmq_ctx_set, before the first socket.
-            # Three sockets per probe, and closed sockets keep their slot until libzmq reaps them.
-            limit = 6 * budget.cap + 64
+            # Three sockets per slot (the REQ socket, the monitor's two PAIR sockets).
+            limit = 3 * budget.cap + 64
             try:
                 limit = min(limit, ctx.get(zmq.SOCKET_LIMIT))
             except zmq.ZMQError:
@@ -1215,10 +1357,8 @@ class HealthCheck(object):
                 free = budget.cap - inflight
                 if queued and free > 0 and now >= backoff_until and (
                         inflight == 0 or free >= budget.refill or free >= queued):
-                    slots = budget.free_slots(inflight, min(free, queued))
-                    if slots == 0:
-                        backoff_until = now + 0.005
-                    while slots > 0 and (first or retry):
+                    budget.new_round()
+                    while free > 0 and (first or retry):
                         is_retry = not first
                         target = first.popleft() if first else retry.popleft()
                         if is_retry and now >= self.wait_deadline:
@@ -1229,11 +1369,28 @@ class HealthCheck(object):
                             ipv6 = host[1]
                         else:
                             connect_url, ipv6 = target.url, target.host_kind == 'ipv6'
+                        slot = idle_slot(connect_url, now)
+                        # A new slot takes its three sockets' descriptors and the connection's, a reused one
+                        # only the connection's.
+                        if not budget.reserve(FDS_PER_PROBE if slot is None else 1, unconnected, fd_floor):
+                            if slot is not None:
+                                idle.appendleft(slot)
+                            (retry if is_retry else first).appendleft(target)
+                            backoff_until = now + 0.005
+                            break
                         probe = Probe(target, self)
-                        self._seq += 1
                         try:
-                            probe.start(ctx, connect_url, ipv6, self._seq)
+                            if slot is None:
+                                self._seq += 1
+                                slot = Slot(ctx, self, self._seq)
+                                slots.append(slot)
+                                for fd, is_monitor in zip(slot.fds, (False, True)):
+                                    by_fd[fd] = (slot, is_monitor)
+                                    poller.register(fd)
+                            probe.start(slot, connect_url, ipv6)
                         except Exception as e:
+                            if slot is not None:
+                                idle.append(slot)
                             if isinstance(e, zmq.ZMQError) and e.errno in RESOURCE_ERRNOS:
                                 # Out of descriptors or sockets: try again when probes have finished.
                                 (retry if is_retry else first).appendleft(target)
@@ -1244,14 +1401,10 @@ class HealthCheck(object):
                                 target, REFUSED, 'cannot connect: %s' % short(str(e)), self.attempts[target.index])
                             self._schedule_retry(target, now, retry_at)
                             continue
-                        slots -= 1
-                        budget.started()
+                        free -= 1
                         self.attempts[target.index] += 1
                         inflight += 1
                         self.concurrency = max(self.concurrency, inflight)
-                        for fd, is_monitor in zip(probe.fds, (False, True)):
-                            probes[fd] = (probe, is_monitor)
-                            poller.register(fd)
                         self.push_deadline(probe, probe.deadline)
                         # Arm both sockets: ZMQ_FD only signals new activity after ZMQ_EVENTS was read.
                         self._safely(probe, probe.on_monitor)
@@ -1276,13 +1429,17 @@ class HealthCheck(object):
                 if self.finished:
                     wake = now
                 timeout = max(0.0, wake - time.monotonic())
-                if inflight:
+                if slots:
                     for fd, _ev in poller.poll(timeout):
-                        entry = probes.get(fd)
-                        if entry is None or entry[0].done:
+                        entry = by_fd.get(fd)
+                        if entry is None:
                             continue
-                        probe, is_monitor = entry
-                        self._safely(probe, probe.on_monitor if is_monitor else probe.on_sock_ready)
+                        slot, is_monitor = entry
+                        probe = slot.probe
+                        if probe is None or probe.done:
+                            self._drain(slot)
+                        else:
+                            self._safely(probe, probe.on_monitor if is_monitor else probe.on_sock_ready)
                 elif timeout > 0:
                     time.sleep(timeout)
 
@@ -1298,10 +1455,13 @@ class HealthCheck(object):
 
                 for probe in self.finished:
                     self.awaiting.discard(probe)
-                    for fd in probe.fds:
-                        probes.pop(fd, None)
-                        poller.unregister(fd)
-                    probe.close()
+                    probe.release()
+                    idle.append(probe.slot)
+                    url = probe.slot.last_url
+                    if url in released:
+                        released[url].append((probe.slot, now))
+                    else:
+                        released[url] = [(probe.slot, now)]
                     inflight -= 1
                     index = probe.target.index
                     self.results[index] = probe.result(self.attempts[index])
@@ -1311,15 +1471,15 @@ class HealthCheck(object):
 
             # The deadline passed (or all is done): whatever is left becomes 'timeout'.
             now = time.monotonic()
-            for probe, is_monitor in list(probes.values()):
-                if not is_monitor and not probe.done:
+            for slot in slots:
+                probe = slot.probe
+                if probe is not None and not probe.done:
                     self._safely(probe, lambda p=probe: p.on_deadline(now, final=True))
             for probe in self.finished:
-                probe.close()
+                probe.release()
                 index = probe.target.index
                 self.results[index] = probe.result(self.attempts[index])
             self.finished = []
-            probes = {}
             for target in list(first) + list(retry) + [t for w in dns_wait.values() for t, _r in w]:
                 if self.results[target.index] is not None:
                     continue  # a retry that did not start: the last attempt's result stands
@@ -1331,8 +1491,8 @@ class HealthCheck(object):
                                % (self.wait_timeout + self.timeout, budget.describe()))
                 self.results[target.index] = _plain_result(target, TIMEOUT, message, self.attempts[target.index])
         finally:
-            for probe, _is_monitor in probes.values():
-                probe.close()
+            for slot in slots:
+                slot.close()
             if poller is not None:
                 poller.close()
             if ctx is not None:
@@ -1340,6 +1500,13 @@ class HealthCheck(object):
             budget.restore()
             self.resolver.stop()
         return self.results
+
+    @staticmethod
+    def _drain(slot):
+        try:
+            slot.drain()
+        except Exception:
+            pass
 
     def _schedule_retry(self, target, now, retry_at):
         if self.wait_timeout > 0 and now < self.wait_deadline:

@@ -940,3 +940,71 @@ def test_reply_of_endless_frames_is_cut_off():
     print('sent %d MB, module max RSS %d MB, %r' % (server.sent >> 20, res['_maxrss_mb'], e))
     assert e['state'] == 'bad_reply' and 'without completing a reply' in e['message'], e
     assert res['_maxrss_mb'] < 400
+
+
+# ------------------------------------------------------------------------------------ reused sockets
+def test_one_socket_checks_every_kind_of_endpoint_in_turn(curve_server, certdir, rogue_dir, monkeypatch):
+    """Issue 12 (CPU): the module reuses a REQ socket and its monitor for one check after the other.
+
+    With one check at a time, every endpoint runs on the same socket right after an endpoint that
+    ended in another state: a late reply, a rejected handshake, a refused connection, a dropped
+    connection or stale monitor events of the previous endpoint must never reach the next one.
+    """
+    module = load_library_module(MODULE)
+    monkeypatch.setattr(module, 'MAX_CONCURRENCY', 1)
+
+    def named(name, status='ok'):
+        return lambda msg: {'status': status, 'who': name, 'request': msg.decode()}
+
+    def late(msg):
+        time.sleep(0.8)
+        return {'status': 'ok', 'who': 'late'}
+
+    servers = {n: curve_server(named(n)) for n in ('ok1', 'ok2', 'ok3', 'ok4')}
+    slow = curve_server(late)
+    degraded = curve_server(named('degraded', 'degraded'))
+    big = curve_server(lambda msg: {'status': 'ok', 'blob': 'x' * 5000})
+    wrong = z85(os.path.join(rogue_dir, 'otherserver.key'))
+    dead = 'tcp://127.0.0.1:%d' % free_tcp_port()
+    endpoints = [
+        ep('late', slow.url), ep('ok1', servers['ok1'].url),
+        ep('wrongkey', servers['ok2'].url, server_public_key=wrong), ep('ok2', servers['ok2'].url),
+        ep('dead', dead), ep('ok3', servers['ok3'].url),
+        ep('degraded', degraded.url), ep('ok1-again', servers['ok1'].url, request='again'),
+        ep('big', big.url), ep('ok4', servers['ok4'].url),
+        ep('plain-on-curve', servers['ok3'].url, server_public_key=wrong), ep('ok2-again', servers['ok2'].url),
+    ]
+    # wait_timeout: the checks run one after the other, and the deadline is wait_timeout + timeout.
+    # Unhealthy endpoints are checked again meanwhile, on the same socket.
+    res = health(dict(certificates_dir=certdir, timeout=0.5, wait_timeout=1.5, max_reply_size=1000,
+                      fail_on_unhealthy=False, endpoints=endpoints))
+    assert res['concurrency'] == 1, res
+    got = {e['name']: e for e in res['endpoints']}
+    assert {n: got[n]['state'] for n in got} == {
+        'late': 'timeout', 'ok1': 'healthy', 'wrongkey': 'auth_failed', 'ok2': 'healthy', 'dead': 'refused',
+        'ok3': 'healthy', 'degraded': 'degraded', 'ok1-again': 'healthy', 'big': 'bad_reply', 'ok4': 'healthy',
+        'plain-on-curve': 'auth_failed', 'ok2-again': 'healthy'}, [(e['name'], e['message']) for e in res['endpoints']]
+    for name in ('ok1', 'ok2', 'ok3', 'ok4', 'ok1-again', 'ok2-again'):
+        assert got[name]['reply']['who'] == name.split('-')[0], got[name]
+        assert got[name]['attempts'] == 1, res['endpoints']
+    assert got['ok1-again']['reply']['request'] == 'again'
+    assert got['ok1']['reply']['request'] == json.dumps({'action': 'health_check'})
+    assert 'max_reply_size' in got['big']['message'] or 'closed after the handshake' in got['big']['message']
+    assert 'wrong server public key' in got['wrongkey']['message']
+
+
+def test_retries_reuse_the_socket_of_the_same_endpoint(rep_server, monkeypatch):
+    """A retry (wait_timeout) of the only endpoint runs on the socket that just failed against it."""
+    module = load_library_module(MODULE)
+    monkeypatch.setattr(module, 'MAX_CONCURRENCY', 1)
+    port = free_tcp_port()
+    srv = rep_server(lambda msg: OK, port=port, start=False)
+    timer = threading.Timer(0.8, srv.start)
+    timer.start()
+    try:
+        res = health(dict(timeout=1, wait_timeout=6, endpoints=[ep('late-starter', 'tcp://127.0.0.1:%d' % port)]))
+    finally:
+        timer.join()
+    e = only(res)
+    assert e['state'] == 'healthy' and e['attempts'] > 1, e
+    assert res['concurrency'] == 1

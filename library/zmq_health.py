@@ -16,6 +16,8 @@ description:
     endpoint as V(healthy), V(degraded), V(refused), V(auth_failed), V(timeout) or V(bad_reply).
   - All endpoints are checked concurrently in one process (one ZeroMQ context, one epoll over all
     REQ sockets and their monitor sockets), so checking N endpoints costs about one O(timeout), not N.
+    A REQ socket and its monitor are reused for one endpoint after the other (each check connects,
+    sends its request and disconnects again), so thousands of endpoints do not cost thousands of sockets.
   - Any number of endpoints can be checked. Each endpoint being checked holds 4 file descriptors, so
     the module checks as many at once as the process's open-file limit (C(RLIMIT_NOFILE), C(ulimit -n))
     allows and starts the next ones as soon as descriptors are free again (see the notes).
@@ -81,7 +83,7 @@ options:
     default: 3
   wait_timeout:
     description:
-      - If greater than 0, unhealthy endpoints are checked again with fresh sockets (about every 0.3 s,
+      - If greater than 0, unhealthy endpoints are checked again over a new connection (about every 0.3 s,
         never past the deadline) until all are healthy or O(wait_timeout) seconds have passed since the
         start. A server that starts late is found healthy. A finite number from 0 to 3600.
       - O(wait_timeout) + O(timeout) is a hard deadline for the whole call. No attempt runs past it, and
@@ -163,6 +165,11 @@ notes:
     checks up to (limit - descriptors already open - 48) / 4 endpoints at once (at most 2048), in input
     order, and starts the next ones as descriptors are released. Under C(ulimit -n 1024) that is about
     240 at a time. An endpoint is never reported V(refused) because of these limits."
+  - "Reused sockets: a REQ socket and its monitor (3 of the 4 descriptors) stay open between checks and
+    take the next endpoint once the last check ended (C(ZMQ_REQ_RELAXED); a late reply of the earlier
+    endpoint is dropped, as REQ only takes the reply from the connection the request went out on).
+    Monitor events name their endpoint address, so events of the earlier connection are ignored, and a
+    socket is not used for the same address again within 1 s."
   - Batching does not extend the deadline. Endpoints that could not even be started before
     O(wait_timeout) + O(timeout) are V(timeout) with RV(endpoints[].attempts) 0 and a message saying
     they were not checked; raise the open-file limit, O(timeout) or O(wait_timeout) for very many
@@ -295,7 +302,7 @@ attempts:
 concurrency:
   description:
     - Most endpoints that were being checked at the same time. Lower than the number of endpoints when
-      the open-file limit made the module check them in batches (4 descriptors per endpoint).
+      the open-file limit made the module check them in batches (4 descriptors per endpoint being checked).
   returned: always
   type: int
   sample: 240
@@ -354,6 +361,10 @@ except ImportError:
 
 if HAS_ZMQ:
     import zmq
+
+    # Plain ints: pyzmq's enum flags make every ``events & POLLIN`` a slow Flag operation.
+    _ZMQ_EVENTS = int(zmq.EVENTS)
+    _POLLIN = int(zmq.POLLIN)
 
 HEALTHY = 'healthy'
 DEGRADED = 'degraded'
@@ -975,12 +986,14 @@ class Slot(object):
             except zmq.ZMQError:
                 pass  # libzmq already dropped the endpoint
 
-    def drain(self):
-        """Read and drop what arrived while no check uses the slot (re-arms ZMQ_FD)."""
-        monitor = self.monitor
-        while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            monitor.recv_multipart(zmq.NOBLOCK)
-        self.sock.getsockopt(zmq.EVENTS)
+    def drain(self, is_monitor):
+        """Drop what arrived on one of the sockets while no check uses the slot (re-arms its ZMQ_FD)."""
+        if is_monitor:
+            monitor = self.monitor
+            while monitor.getsockopt(_ZMQ_EVENTS) & _POLLIN:
+                monitor.recv_multipart(zmq.NOBLOCK)
+        else:
+            self.sock.getsockopt(_ZMQ_EVENTS)
 
     def close(self):
         # Stop the monitor while its PAIR socket is still connected, and never ask for the
@@ -1068,7 +1081,7 @@ class Probe(object):
         """
         monitor = self.slot.monitor
         address = self.address
-        while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while monitor.getsockopt(_ZMQ_EVENTS) & _POLLIN:
             frames = monitor.recv_multipart(zmq.NOBLOCK)
             if self.done or len(frames) < 2 or frames[1] != address or len(frames[0]) < 6:
                 continue
@@ -1131,7 +1144,7 @@ class Probe(object):
 
     def on_sock_ready(self):
         """The REQ socket's descriptor fired (or the socket was just armed): take the reply if there is one."""
-        if self.slot.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if self.slot.sock.getsockopt(_ZMQ_EVENTS) & _POLLIN:
             self.on_reply()
 
     def on_reply(self):
@@ -1437,7 +1450,7 @@ class HealthCheck(object):
                         slot, is_monitor = entry
                         probe = slot.probe
                         if probe is None or probe.done:
-                            self._drain(slot)
+                            self._drain(slot, is_monitor)
                         else:
                             self._safely(probe, probe.on_monitor if is_monitor else probe.on_sock_ready)
                 elif timeout > 0:
@@ -1502,9 +1515,9 @@ class HealthCheck(object):
         return self.results
 
     @staticmethod
-    def _drain(slot):
+    def _drain(slot, is_monitor):
         try:
-            slot.drain()
+            slot.drain(is_monitor)
         except Exception:
             pass
 

@@ -322,3 +322,45 @@ def test_fuzz_expect_that_does_not_compile_is_an_argument_error():
         assert res.get('failed') is True and 'endpoints' not in res, (text, res)
         assert "endpoint 'x', option expect: invalid JMESPath expression" in res['msg'], (text, res['msg'])
         assert 'Traceback' not in json.dumps(res)
+
+
+def test_fuzz_repeated_replies_on_reused_sockets(curve_dir, monkeypatch):
+    """Issue 12 (CPU): few sockets take turns (one check after the other), and the same reply bytes
+    come back for many endpoints with different expressions, so each distinct (expect, reply) is
+    evaluated once and reused. Every endpoint must still get exactly the state of its own reply."""
+    rng = random.Random(SEED + 2)
+    module = load_library_module('zmq_health')
+    monkeypatch.setattr(module, 'MAX_CONCURRENCY', 5)
+    max_reply_size = 65536
+    pool = [make_reply(rng, max_reply_size) for _ in range(25)] + [b'{"status": "ok"}', b'pong', b'',
+                                                                   b'{"status": "degraded"}']
+    exprs = compiling_exprs(rng, 6) + ["status == 'ok'", "@ == 'pong'"]
+    table = {}
+    server = Farm(SOCKETS, lambda i, request: table[request],
+                  curve_keys=zmq.auth.load_certificate(os.path.join(curve_dir, 'server.key_secret')),
+                  auth_location=curve_dir).start()
+    try:
+        n = 300
+        endpoints = []
+        frames_of = {}
+        for i in range(n):
+            request = 'repeat-%d' % i
+            reply = rng.choice(pool)
+            table[request.encode()] = reply
+            frames_of['e%d' % i] = reply if isinstance(reply, list) else [reply]
+            endpoints.append(dict(name='e%d' % i, url=server.urls[i % SOCKETS], request=request,
+                                  expect=rng.choice(exprs)))
+        res = run_module(module, dict(certificates_dir=curve_dir, timeout=20, fail_on_unhealthy=False,
+                                      max_reply_size=max_reply_size, endpoints=endpoints))
+    finally:
+        server.stop()
+    assert 'endpoints' in res and not res.get('exception'), res.get('msg')
+    assert res['concurrency'] <= 5
+    json.loads(json.dumps(res, allow_nan=False))
+    seen = set()
+    for e, spec in zip(res['endpoints'], endpoints):
+        assert e['name'] == spec['name'] and e['attempts'] == 1, e
+        assert e['state'] == expected_state(frames_of[spec['name']], spec['expect'], max_reply_size), (
+            e, spec['expect'], frames_of[spec['name']][0][:200])
+        seen.add(e['state'])
+    assert seen == REPLY_STATES, seen

@@ -35,9 +35,13 @@ venv: $(VENV)/.installed  ## Create the virtualenv with the pinned tools
 engine:  ## Make sure a Docker engine answers (installs docker.io on Debian/Ubuntu as root)
 	scripts/ensure-docker-engine
 
-lab: venv engine  ## Bring up the two-host lab and deploy site.yml on it
-	ansible-playbook playbooks/lab-up.yml
-	ansible-playbook site.yml
+# Extra lab hosts (a third machine type): make lab LAB_INVENTORY=inventory/lab-examples/pc3.yml
+LAB_INVENTORY ?=
+LAB_INVENTORIES := -i inventory/lab $(if $(LAB_INVENTORY),-i $(LAB_INVENTORY))
+
+lab: venv engine  ## Bring up the lab (two hosts; more with LAB_INVENTORY=<file>) and deploy site.yml on it
+	ansible-playbook $(LAB_INVENTORIES) playbooks/lab-up.yml
+	ansible-playbook $(LAB_INVENTORIES) site.yml
 
 lab-down: venv engine  ## Remove every lab container, volume and network
 	ansible-playbook playbooks/lab-down.yml

@@ -60,9 +60,54 @@ def test_gpu_service_outside_gpu_hosts():
         errors([{"name": "a", "port": 1, "gpu": True}], gpu=False))
 
 
-def test_unknown_machine_type_and_missing_image():
-    found = " ".join(errors([{"name": "a", "port": 1}], machine="LAPTOP", image=""))
-    assert "ai_machine_type: 'LAPTOP'" in found and "(a).image: no image" in found
+def test_bad_machine_type_and_missing_image():
+    found = " ".join(errors([{"name": "a", "port": 1}], machine="laptop-1", image=""))
+    assert "ai_machine_type: 'laptop-1'" in found and "(a).image: no image" in found
+
+
+def test_any_upper_case_machine_type_is_a_machine_type():
+    assert errors([{"name": "a", "port": 1}], machine="PC3") == []
+
+
+def _hostvars(**hosts):
+    return {name: dict(ai_host_address=f"192.0.2.{i}", **spec) for i, (name, spec) in enumerate(hosts.items(), 1)}
+
+
+def test_machines_tell_the_agents_where_each_machine_is():
+    hostvars = _hostvars(
+        main={"ai_machine_type": "MAINPC", "ai_machine_ip_env": "MAIN_PC_IP",
+              "ai_stack_services": [{"name": "system-digital-twin", "port": 7120, "shared": True}]},
+        pc2={"ai_machine_type": "PC2", "ai_stack_services": [{"name": "advanced-router", "port": 5780, "shared": True}]},
+        pc3={"ai_machine_type": "PC3", "ai_machine_ip_env": "PC3_IP", "ai_stack_services": [{"name": "ocr", "port": 5800}]})
+    machines = filters.ai_stack_machines(hostvars, ["main", "pc2", "pc3"])
+    assert machines["errors"] == []
+    # In inventory order; PC2 takes the default <TYPE>_IP.
+    assert list(machines["ips"].items()) == [("MAIN_PC_IP", "192.0.2.1"), ("PC2_IP", "192.0.2.2"), ("PC3_IP", "192.0.2.3")]
+    assert machines["service_hosts"] == {"system-digital-twin": "main", "advanced-router": "pc2", "ocr": "pc3"}
+
+
+def test_two_hosts_of_one_machine_type_are_refused():
+    router = [{"name": "advanced-router", "port": 5780, "shared": True}]
+    hostvars = _hostvars(pc2={"ai_machine_type": "PC2", "ai_stack_services": router},
+                         pc2b={"ai_machine_type": "PC2", "ai_stack_services": router})
+    found = filters.ai_stack_machines(hostvars, ["pc2", "pc2b"])["errors"]
+    assert len(found) == 1 and found[0].startswith("pc2 and pc2b are all of machine type PC2"), found
+
+
+def test_a_shared_service_name_on_two_machines_is_refused():
+    hostvars = _hostvars(a={"ai_machine_type": "A", "ai_stack_services": [{"name": "x", "port": 1, "shared": True}]},
+                         b={"ai_machine_type": "B", "ai_stack_services": [{"name": "x", "port": 1, "shared": True}]})
+    assert filters.ai_stack_machines(hostvars, ["a", "b"])["errors"] == [
+        "service x of b is also a shared service of a: names on ai-shared-network must be unique, rename one of them"]
+
+
+def test_a_machine_address_variable_named_twice_or_badly_is_refused():
+    hostvars = _hostvars(a={"ai_machine_type": "A", "ai_machine_ip_env": "X_IP"},
+                         b={"ai_machine_type": "B", "ai_machine_ip_env": "X_IP"},
+                         c={"ai_machine_type": "C", "ai_machine_ip_env": "not a name"})
+    found = filters.ai_stack_machines(hostvars, ["a", "b", "c"])["errors"]
+    assert any("ai_machine_ip_env of b: X_IP already" in e for e in found)
+    assert any("ai_machine_ip_env of c: 'not a name'" in e for e in found)
 
 
 def test_compose_project_follows_the_seed():

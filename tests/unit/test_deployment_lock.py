@@ -132,8 +132,8 @@ class Lab:
               children:
                 ai_hosts:
                   hosts:
-                    alpha: {{}}
-                    beta: {{}}
+                    alpha: {{ai_machine_type: MAINPC}}
+                    beta: {{ai_machine_type: PC2}}
                   vars:
                     ansible_connection: local
                     ansible_python_interpreter: {sys.executable}

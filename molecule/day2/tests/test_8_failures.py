@@ -34,7 +34,7 @@ def test_the_rollback_runs_when_the_health_check_itself_fails(mainpc):
     # A probe directory without keys: every zmq_health call fails itself, in the gate and in
     # the rescue (before, the rescue stopped there and the host stayed on the failed release).
     result = run_playbook(SITE, "--limit", "mainpc", "-e", "ai_stack_image_tag=lab-next",
-                          "-e", "ai_stack_probe_certificates_dir=/nonexistent", check=False)
+                          "-e", "ai_health_probe_dir=/nonexistent", check=False)
     try:
         assert result.returncode != 0
         assert "mainpc on ai-lab-mainpc failed its deploy" in result.stdout

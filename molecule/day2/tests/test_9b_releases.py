@@ -114,7 +114,7 @@ def test_rollback_to_the_previous_release_and_site_brings_the_inventory_back(mai
 
     result = run_playbook(ROLLBACK, "-e", "release=previous", "--limit", "pc2")
     assert set(play_recap(result.stdout)) == {"ai-lab-pc2"}
-    assert f"release {previous}" in result.stdout and "Check every service over CURVE" in result.stdout
+    assert f"release {previous}" in result.stdout and "Check the services over CURVE" in result.stdout
     assert containers(mainpc, "mainpc") == mainpc_before
     assert set(release_test_env(pc2).values()) == {"1"}
     assert pc2_health() == {name: "healthy" for name in PC2_SERVICES}

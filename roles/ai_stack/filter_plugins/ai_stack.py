@@ -19,7 +19,10 @@ SERVICE_KEYS = {
     "name", "port", "health_port", "extra_ports", "depends_on", "gpu", "memory_limit_mb",
     "image", "env", "shared", "health_expect", "healthcheck", "read_only", "command",
 }
-MACHINE_TYPES = {"MAINPC", "PC2"}
+# A machine type names the Compose project and the machine's network (lowercased), and the
+# agents' MACHINE_TYPE. The types themselves are inventory data (one group per type).
+MACHINE_TYPE = re.compile(r"^[A-Z][A-Z0-9_]*$")
+ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 
 
 def _is_port(value: Any) -> bool:
@@ -35,8 +38,9 @@ def ai_stack_errors(services: Any, machine_type: Any, gpu_host: bool, default_im
     """Every problem of the catalogue, each naming the variable and the service."""
     var = "ai_stack_services"
     errors: list[str] = []
-    if machine_type not in MACHINE_TYPES:
-        errors.append(f"ai_machine_type: {machine_type!r} is not one of {sorted(MACHINE_TYPES)}")
+    if not isinstance(machine_type, str) or not MACHINE_TYPE.match(machine_type):
+        errors.append(f"ai_machine_type: {machine_type!r} must be upper-case letters, digits and underscores "
+                      "(MAINPC, PC2): it names the Compose project and the machine's network")
     if not isinstance(services, list) or not services:
         return errors + [f"{var}: must be a non-empty list of services, got {type(services).__name__}"]
 
@@ -647,10 +651,61 @@ def ai_stack_images_to_prune(host_info: dict, referenced: dict, never: Any = ())
     return remove
 
 
+def ai_stack_machines(hostvars: Any, hosts: list[str], shared_network: str = "ai-shared-network") -> dict:
+    """The inventory's machines, from the variables of the AI hosts (in inventory order).
+
+    Returns ``ips``: for each machine type, the variable that tells every agent where that
+    machine is (the type's ``ai_machine_ip_env``, by default ``<TYPE>_IP``) and the address of
+    its host; ``service_hosts``: the host that runs each service; ``errors``: what makes the
+    machines collide. One host per machine type: two hosts of one type would give their shared
+    services the same names on the shared network, where each name must resolve to one container.
+    """
+    ips: dict[str, str] = {}
+    type_hosts: dict[str, list[str]] = {}
+    service_hosts: dict[str, str] = {}
+    shared_owner: dict[str, str] = {}
+    errors: list[str] = []
+    for host in hosts:
+        hv = hostvars[host]
+        machine_type = hv.get("ai_machine_type")
+        if not isinstance(machine_type, str) or not machine_type:
+            continue  # ai_stack_errors reports it for that host
+        type_hosts.setdefault(machine_type, []).append(host)
+        if len(type_hosts[machine_type]) > 1:
+            continue
+        env = hv.get("ai_machine_ip_env") or f"{machine_type}_IP"
+        if not isinstance(env, str) or not ENV_NAME.match(env):
+            errors.append(f"ai_machine_ip_env of {host}: {env!r} is not an environment variable name")
+        elif env in ips:
+            errors.append(f"ai_machine_ip_env of {host}: {env} already tells the agents where another machine is")
+        else:
+            ips[env] = str(hv.get("ai_host_address", ""))
+        services = hv.get("ai_stack_services")
+        for service in services if isinstance(services, list) else []:
+            if not isinstance(service, dict) or not isinstance(service.get("name"), str):
+                continue
+            service_hosts.setdefault(service["name"], host)
+            if service.get("shared"):
+                other = shared_owner.setdefault(service["name"], host)
+                if other != host:
+                    errors.append(
+                        f"service {service['name']} of {host} is also a shared service of {other}: names "
+                        f"on {shared_network} must be unique, rename one of them")
+    for machine_type, names in type_hosts.items():
+        if len(names) > 1:
+            errors.insert(0, (
+                f"{' and '.join(names)} are all of machine type {machine_type}: their services would have "
+                f"the same names on {shared_network}, so other machines could not tell them apart. Give "
+                f"each machine its own type: a new inventory group with its own ai_machine_type and "
+                f"ai_stack_services (docs/lab.md shows one)"))
+    return {"ips": ips, "service_hosts": service_hosts, "errors": errors}
+
+
 class FilterModule:
     def filters(self):
         return {
             "ai_stack_errors": ai_stack_errors,
+            "ai_stack_machines": ai_stack_machines,
             "ai_stack_compose": ai_stack_compose,
             "ai_stack_service_ports": ai_stack_service_ports,
             "ai_stack_health_endpoints": ai_stack_health_endpoints,

@@ -20,6 +20,9 @@ Scenarios:
 
 "Inside the module" is the module's own ``elapsed_ms``. The peak number of descriptors the
 module process had open is sampled from /proc every few milliseconds (so it is a lower bound).
+The scale runs also print the CPU seconds of the module process, of the agent processes and of the
+whole machine (busy of available) while ansible-playbook ran: the agents share the module's cores,
+and other load on the machine shows as the difference.
 A missed goal prints MISSED; the exit status is non-zero only on errors (Ansible failed,
 unexpected endpoint states, ...).
 """
@@ -63,17 +66,14 @@ def serve_agents(count, certdir):
     listener, own connections, own handshakes), and serving them costs one recv/send instead of a
     zmq_poll over hundreds of sockets. Client keys are checked over ZAP like
     ThreadAuthenticator.configure_curve(domain='*', location=certdir) does (the *.key files of
-    certdir are authorised), by a minimal handler in a thread of its own; the REP socket is served by
-    another thread. Both block in recv (no zmq_poll per message): the agents' servers run on other
-    hosts, so here they should cost the module's cores as little as possible.
+    certdir are authorised), by a minimal handler in the serving thread: the agents' servers run on
+    other hosts, so here they should cost the module's cores as little as possible.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     public, secret = zmq.auth.load_certificate(os.path.join(certdir, 'server.key_secret'))
-    # The authorised client keys as the 32 raw bytes a ZAP request carries (no Z85 encoding per request).
-    allowed = set(zmq.utils.z85.decode(k if isinstance(k, bytes) else k.encode())
-                  for k in zmq.auth.load_certificates(certdir))
+    allowed = set(k if isinstance(k, bytes) else k.encode() for k in zmq.auth.load_certificates(certdir))
     ctx = zmq.Context()
     zap = ctx.socket(zmq.REP)
     zap.linger = 0
@@ -92,30 +92,20 @@ def serve_agents(count, certdir):
         stop.set()
 
     threading.Thread(target=watch_stdin, daemon=True).start()
-    ok_status = [b'200', b'OK', b'', b'']
-    denied_status = [b'400', b'client key not authorised', b'', b'']
-
-    def serve_zap():
-        # ZAP request: version, request id, domain, address, identity, mechanism, client key
-        while not stop.is_set():
-            try:
-                frames = zap.recv_multipart()
-            except zmq.Again:
-                continue
-            ok = len(frames) >= 7 and frames[5] == b'CURVE' and frames[6] in allowed
-            zap.send_multipart([b'1.0', frames[1] if len(frames) > 1 else b''] + (ok_status if ok else denied_status))
-
-    # Blocking receives in one thread per socket (RCVTIMEO to notice the stop): no zmq_poll per message.
-    zap.rcvtimeo = sock.rcvtimeo = 100
-    zap_thread = threading.Thread(target=serve_zap, daemon=True)
-    zap_thread.start()
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(zap, zmq.POLLIN)
     while not stop.is_set():
-        try:
-            sock.recv()
-        except zmq.Again:
-            continue
-        sock.send(REPLY)
-    zap_thread.join()
+        for s, _ev in poller.poll(100):
+            if s is zap:
+                # ZAP request: version, request id, domain, address, identity, mechanism, client key
+                frames = zap.recv_multipart()
+                ok = len(frames) >= 7 and frames[5] == b'CURVE' and zmq.utils.z85.encode(frames[6]) in allowed
+                zap.send_multipart([b'1.0', frames[1] if len(frames) > 1 else b'', b'200' if ok else b'400',
+                                    b'OK' if ok else b'client key not authorised', b'', b''])
+            else:
+                sock.recv()
+                sock.send(REPLY)
     sock.close(0)
     zap.close(0)
     ctx.term()
@@ -182,6 +172,21 @@ def free_ports(count, exclude):
 
 
 # ------------------------------------------------------------------------------------ descriptors
+def process_cpu(pid):
+    """User + system CPU seconds of process PID (all its threads) so far."""
+    with open('/proc/%d/stat' % pid) as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / float(os.sysconf('SC_CLK_TCK'))
+
+
+def machine_cpu():
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    with open('/proc/stat') as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    hz = float(os.sysconf('SC_CLK_TCK'))
+    return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz
+
+
 class FdSampler(object):
     """Samples the number of open descriptors of the zmq_health module process (AnsiballZ)."""
 
@@ -190,6 +195,7 @@ class FdSampler(object):
         self.peak = 0
         self.pid = None
         self.limit = None
+        self.cpu = 0.0  # CPU seconds of the module process (all threads) at the last sample
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -234,7 +240,8 @@ class FdSampler(object):
                 # listing about a thousand entries every few milliseconds would slow the module down.
                 count = os.stat(path).st_size or len(os.listdir(path))
                 self.peak = max(self.peak, count)
-            except OSError:
+                self.cpu = process_cpu(self.pid)
+            except (OSError, ValueError, IndexError):
                 self.pid = None  # the module finished (or a new one will start: loop mode)
 
 
@@ -283,12 +290,13 @@ def write_playbook(path, loop):
 class Runner(object):
     """Runs a generated playbook with ansible-playbook under RLIMIT_NOFILE (nofile, nofile)."""
 
-    def __init__(self, playbook_bin, python, env, work, nofile):
+    def __init__(self, playbook_bin, python, env, work, nofile, agent_pids=()):
         self.playbook_bin = playbook_bin
         self.python = python
         self.env = env
         self.work = work
         self.nofile = nofile
+        self.agent_pids = list(agent_pids)
         self.batched = os.path.join(work, 'batched.yml')
         self.loop = os.path.join(work, 'loop.yml')
         write_playbook(self.batched, loop=False)
@@ -309,10 +317,14 @@ class Runner(object):
                '-e', '@%s' % vars_file, '-e', 'ansible_python_interpreter=%s' % self.python,
                '-e', 'bench_out=%s' % out_file]
         t0 = time.monotonic()
+        agents0 = sum(process_cpu(pid) for pid in self.agent_pids)
+        busy0, total0 = machine_cpu()
         with FdSampler() as sampler:
             proc = subprocess.run(cmd, cwd=self.work, env=self.env, capture_output=True, text=True,
                                   preexec_fn=self._limit)
         wall = time.monotonic() - t0
+        busy1, total1 = machine_cpu()
+        agents_cpu = sum(process_cpu(pid) for pid in self.agent_pids) - agents0
         if proc.returncode != 0:
             raise RuntimeError('%s failed (rc=%d):\n%s\n%s' % (' '.join(cmd), proc.returncode,
                                                               proc.stdout[-4000:], proc.stderr[-4000:]))
@@ -320,6 +332,10 @@ class Runner(object):
             data = json.load(f)
         data['wall_s'] = wall
         data['peak_fds'] = sampler.peak
+        data['module_cpu_s'] = sampler.cpu
+        data['agents_cpu_s'] = agents_cpu
+        data['machine_busy_s'] = busy1 - busy0
+        data['machine_total_s'] = total1 - total0
         data['fd_limit'] = sampler.limit
         return data
 
@@ -402,6 +418,11 @@ def scale(runner, farm, dead_ports, certdir, args):
                                                         data['fd_limit'] or '?'), flush=True)
         rows.append((label, inside, limit, states, data))
     print()
+    print('CPU seconds while ansible-playbook ran: the module process (sampled every 5 ms, with Ansible\'s start-up'
+          ' and its libzmq threads), the agent processes, the whole machine (busy of available):')
+    for label, inside, limit, states, data in rows:
+        print('  %-42s module %.2f, agents %.2f, machine %.2f of %.2f'
+              % (label, data['module_cpu_s'], data['agents_cpu_s'], data['machine_busy_s'], data['machine_total_s']))
     for label, inside, limit, states, data in rows:
         print('%s: %s' % (label, ', '.join('%s=%d' % kv for kv in sorted(states.items()))))
         goal('%s classified inside the module' % label, inside, limit)
@@ -471,7 +492,7 @@ def main():
         env = dict(os.environ, ANSIBLE_CONFIG=cfg, ANSIBLE_NOCOLOR='1',
                    ANSIBLE_LOCAL_TEMP=os.path.join(work, 'tmp'), ANSIBLE_REMOTE_TEMP=os.path.join(work, 'rtmp'),
                    ANSIBLE_INVENTORY_UNPARSED_WARNING='False')
-        runner = Runner(playbook_bin, args.python, env, work, args.nofile)
+        runner = Runner(playbook_bin, args.python, env, work, args.nofile, [p.pid for p in farm.procs])
         print('module interpreter %s, module RLIMIT_NOFILE %s' % (args.python, args.nofile or 'unchanged'))
         if not args.skip_fanout:
             print()

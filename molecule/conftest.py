@@ -6,6 +6,8 @@ docker backend; playbook runs use the project's ansible.cfg (inventory/lab).
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import re
 import subprocess
@@ -14,10 +16,103 @@ from pathlib import Path
 
 import pytest
 import testinfra
+import yaml
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 LAB_HOSTS = ("ai-lab-mainpc", "ai-lab-pc2")
 RECAP_LINE = re.compile(r"^(?P<host>\S+)\s+:\s+(?P<counts>(?:\w+=\d+\s*)+)$", re.MULTILINE)
+LAB_INVENTORY = PROJECT_DIR / "inventory" / "lab"
+CONTRACT_DEFAULTS = PROJECT_DIR / "roles" / "ai_contract" / "defaults" / "main.yml"
+
+
+# The lab inventory: the tests read the service catalogue and the hosts' addresses from it
+# instead of repeating them. Plain values only (names, ports, addresses, machine types, group
+# membership): nothing here templates Jinja.
+
+@functools.cache
+def lab_inventory() -> dict:
+    """`ansible-inventory --list` of the lab inventory, read once per test session."""
+    env = dict(os.environ, ANSIBLE_CONFIG=str(PROJECT_DIR / "ansible.cfg"))
+    cmd = [str(Path(sys.executable).parent / "ansible-inventory"), "-i", str(LAB_INVENTORY), "--list"]
+    result = subprocess.run(cmd, cwd=PROJECT_DIR, env=env, text=True, capture_output=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (rc={result.returncode}):\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout)
+
+
+def inventory_hosts(group: str) -> list[str]:
+    """The hosts of a group of the lab inventory and of its child groups, in inventory order."""
+    inventory = lab_inventory()
+    if group not in inventory:
+        raise KeyError(f"no group {group!r} in {LAB_INVENTORY}")
+    found: list[str] = []
+    for name in [*inventory[group].get("hosts", []),
+                 *(h for child in inventory[group].get("children", []) for h in inventory_hosts(child))]:
+        if name not in found:
+            found.append(name)
+    return found
+
+
+def inventory_hostvars(host: str) -> dict:
+    """The variables the lab inventory gives a host, untemplated (read plain values only)."""
+    hostvars = lab_inventory()["_meta"]["hostvars"]
+    if host not in hostvars:
+        raise KeyError(f"no host {host!r} in {LAB_INVENTORY}")
+    return hostvars[host]
+
+
+def _hosts_of(group_or_host: str) -> list[str]:
+    return [group_or_host] if group_or_host in lab_inventory()["_meta"]["hostvars"] else inventory_hosts(group_or_host)
+
+
+def _one_host(group_or_host: str) -> str:
+    hosts = _hosts_of(group_or_host)
+    if len(hosts) != 1:
+        raise ValueError(f"{group_or_host!r} names {len(hosts)} hosts of {LAB_INVENTORY}, not one: {hosts}")
+    return hosts[0]
+
+
+def services(group_or_host: str = "ai_hosts") -> list[dict]:
+    """The ai_stack_services entries of a host, or of every host of a group (inventory order)."""
+    return [s for host in _hosts_of(group_or_host) for s in inventory_hostvars(host).get("ai_stack_services", [])]
+
+
+def service(name: str, group_or_host: str = "ai_hosts") -> dict:
+    """One service's catalogue entry (name, port, optional health_port, extra_ports, shared, ...)."""
+    found = [s for s in services(group_or_host) if s["name"] == name]
+    if len(found) != 1:
+        raise KeyError(f"{len(found)} services named {name!r} in the catalogue of {group_or_host}")
+    return found[0]
+
+
+def catalogue(group_or_host: str = "ai_hosts") -> dict[str, int]:
+    """{service name: main port} of a host, or of every host of a group: catalogue("pc2")."""
+    return {s["name"]: int(s["port"]) for s in services(group_or_host)}
+
+
+def host_address(group_or_host: str) -> str:
+    """The ai_host_address of a host, or of the one host of a group: host_address("pc2")."""
+    return str(inventory_hostvars(_one_host(group_or_host))["ai_host_address"])
+
+
+def health_port(name: str, group_or_host: str = "ai_hosts") -> int:
+    """A service's health port: its health_port, else its port + ai_health_port_offset (the
+    contract's default, roles/ai_contract/defaults/main.yml, unless the inventory sets a number)."""
+    entry = service(name, group_or_host)
+    if entry.get("health_port") is not None:
+        return int(entry["health_port"])
+    host = next(h for h in _hosts_of(group_or_host) if entry in inventory_hostvars(h).get("ai_stack_services", []))
+    offset = inventory_hostvars(host).get("ai_health_port_offset")
+    if not isinstance(offset, int):
+        offset = yaml.safe_load(CONTRACT_DEFAULTS.read_text())["ai_health_port_offset"]
+    return int(entry["port"]) + int(offset)
+
+
+def service_endpoints(group_or_host: str = "ai_hosts") -> list[dict[str, str]]:
+    """zmq_health endpoints of every service of a host or group: its main port on the host's
+    address (the main ports answer health checks too, and are published on that address)."""
+    return [{"name": name, "url": f"tcp://{host_address(host)}:{port}"}
+            for host in _hosts_of(group_or_host) for name, port in catalogue(host).items()]
 
 
 def lab_host(name: str) -> testinfra.host.Host:
@@ -91,6 +186,20 @@ def run_module(module: str, args: dict, *, host: str = "localhost") -> dict:
     except (ValueError, KeyError):
         pytest.fail(f"{' '.join(cmd)} gave no JSON (rc={result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
     return plays[0]["tasks"][0]["hosts"][host]
+
+
+def health(group_or_host: str = "ai_hosts", wait: int = 0) -> dict[str, str]:
+    """{service: state} of every service of a host or group (default both machines), probed over
+    CURVE from the controller with the health probe's key; wait up to `wait` s for all healthy."""
+    result = run_module("zmq_health", {
+        "endpoints": service_endpoints(group_or_host), "certificates_dir": str(PROJECT_DIR / "certificates"),
+        "client_key_name": "health-probe", "timeout": 3, "wait_timeout": wait, "fail_on_unhealthy": False})
+    return {e["name"]: e["state"] for e in result["endpoints"]}
+
+
+def all_healthy(group_or_host: str = "ai_hosts") -> dict[str, str]:
+    """What health() returns when every service of the host or group is healthy."""
+    return {name: "healthy" for name in catalogue(group_or_host)}
 
 
 def containers(host: testinfra.host.Host, project: str) -> dict[str, str]:

@@ -9,11 +9,11 @@ import time
 import pytest
 import zmq
 import zmq.auth
-from conftest import PROJECT_DIR, containers, play_recap, run_playbook
+from conftest import PROJECT_DIR, catalogue, containers, host_address, inventory_hosts, play_recap, run_playbook
 
 SITE = PROJECT_DIR / "site.yml"
-SERVICES = {"ai-lab-mainpc": {"192.168.100.16": [7120, 8571, 5576, 5562, 5563, 5637]},
-            "ai-lab-pc2": {"192.168.100.17": [5780, 5789, 5790, 5791, 5792]}}
+# {host: {its address: the main ports of its services}}, from the lab inventory.
+SERVICES = {host: {host_address(host): list(catalogue(host).values())} for host in inventory_hosts("ai_hosts")}
 
 
 def overlay_inventory(tmp_path, **host_vars):

@@ -1,9 +1,11 @@
-"""Bad inventory input fails before any host changes, with a message naming the variable."""
+"""Bad inventory input fails before any host changes, with a message naming the variable (or the hosts)."""
 
 import json
+import re
 
 import pytest
-from conftest import PROJECT_DIR, play_recap, run_playbook
+import yaml
+from conftest import LAB_INVENTORY, PROJECT_DIR, inventory_hostvars, play_recap, run_playbook
 
 SDT = {"name": "system-digital-twin", "port": 7120}
 
@@ -59,3 +61,42 @@ def test_gpu_service_on_a_host_without_gpu():
     assert result.returncode != 0
     assert "(advanced-router).gpu: GPU service on a host outside the gpu_hosts group" in result.stdout
     assert all(counts["changed"] == 0 for counts in play_recap(result.stdout).values())
+
+
+TWIN = "ai-lab-pc2-twin"
+LOCK = "/var/lib/ai-system/deploy.lock"
+AUDIT = "/var/log/ai-system/deployments.jsonl"
+
+
+def locks_and_audit(*hosts):
+    """Each host's deployment lock (None when there is none) and audit trail."""
+    return [(h.file(LOCK).content_string if h.file(LOCK).exists else None,
+             h.file(AUDIT).content_string if h.file(AUDIT).exists else None) for h in hosts]
+
+
+def test_two_hosts_of_one_machine_type_fail_before_any_change(mainpc, pc2, compose_files, tmp_path):
+    # A second inventory name for the PC2 container, in group pc2: two hosts of machine type PC2.
+    real = inventory_hostvars("ai-lab-pc2")
+    twin = {key: real[key] for key in ("ansible_host", "ansible_port", "ai_host_address")}
+    overlay = tmp_path / "pc2-twin.yml"
+    overlay.write_text(json.dumps({"all": {"children": {"ai_hosts": {"children": {"pc2": {"hosts": {TWIN: twin}}}},
+                                                        "swarm_workers": {"hosts": {TWIN: {}}}}}}))
+    facts = PROJECT_DIR / ".cache" / "facts"
+    cached = set(facts.glob(f"*{TWIN}"))
+    before = compose_files(), locks_and_audit(mainpc, pc2)
+    try:
+        result = run_playbook(PROJECT_DIR / "site.yml", "-i", str(LAB_INVENTORY), "-i", str(overlay), check=False)
+    finally:
+        for path in set(facts.glob(f"*{TWIN}")) - cached:  # the twin's facts, cached by this run
+            path.unlink()
+    assert result.returncode != 0
+    assert re.search(rf"(ai-lab-pc2 and {TWIN}|{TWIN} and ai-lab-pc2) are all of machine type PC2", result.stdout), \
+        result.stdout[-3000:]
+    # Refused in the first play (the inventory check), on every host.
+    first_play = yaml.safe_load((PROJECT_DIR / "site.yml").read_text())[0]["name"]
+    assert re.findall(r"^PLAY \[(.*)\]", result.stdout, re.MULTILINE) == [first_play], result.stdout[-3000:]
+    recap = play_recap(result.stdout)
+    assert set(recap) == {"ai-lab-mainpc", "ai-lab-pc2", TWIN}, recap
+    assert all(counts["changed"] == 0 for counts in recap.values()), recap
+    # The run's locks (the twin's is pc2's own file) are released, no audit line written.
+    assert (compose_files(), locks_and_audit(mainpc, pc2)) == before

@@ -2,23 +2,10 @@
 
 import subprocess
 
-from conftest import PROJECT_DIR, containers, play_recap, run_module, run_playbook
+from conftest import PROJECT_DIR, all_healthy, containers, health, play_recap, run_playbook
 
-SERVICES = {"192.168.100.16": {"system-digital-twin": 7120, "task-router": 8571, "streaming-interrupt-handler": 5576,
-                               "streaming-tts-agent": 5562, "tts-agent": 5563, "responder": 5637},
-            "192.168.100.17": {"advanced-router": 5780, "translator-agent": 5789, "authentication-agent": 5790,
-                               "health-monitor": 5791, "context-monitor": 5792}}
-
-
-def health(wait=0):
-    endpoints = [{"name": n, "url": f"tcp://{a}:{p}"} for a, s in SERVICES.items() for n, p in s.items()]
-    result = run_module("zmq_health", {
-        "endpoints": endpoints, "certificates_dir": str(PROJECT_DIR / "certificates"),
-        "client_key_name": "health-probe", "timeout": 3, "wait_timeout": wait, "fail_on_unhealthy": False})
-    return {e["name"]: e["state"] for e in result["endpoints"]}
-
-
-ALL_HEALTHY = {n: "healthy" for s in SERVICES.values() for n in s}
+# Every service of both machines (health() probes them all).
+ALL_HEALTHY = all_healthy()
 
 
 def test_pc2_rollout_stops_before_changing_pc2_when_the_registry_is_down(mainpc, pc2):

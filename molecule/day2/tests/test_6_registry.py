@@ -4,21 +4,11 @@ air-gapped `load` path still deploys."""
 import subprocess
 
 import pytest
-from conftest import REGISTRY, PROJECT_DIR, assert_no_secret, containers, play_recap, run_module, run_playbook
+from conftest import REGISTRY, PROJECT_DIR, all_healthy, assert_no_secret, containers, health, play_recap, run_playbook
 
 SITE = PROJECT_DIR / "site.yml"
-PC2_SERVICES = {"advanced-router": 5780, "translator-agent": 5789, "authentication-agent": 5790,
-                "health-monitor": 5791, "context-monitor": 5792}
 # In the registry, but not on pc2 (the fixture removes it): a rollout to it must pull.
 NOT_ON_PC2 = "lab-broken"
-
-
-def pc2_health(wait=0):
-    result = run_module("zmq_health", {
-        "endpoints": [{"name": n, "url": f"tcp://192.168.100.17:{p}"} for n, p in PC2_SERVICES.items()],
-        "certificates_dir": str(PROJECT_DIR / "certificates"), "client_key_name": "health-probe",
-        "timeout": 3, "wait_timeout": wait, "fail_on_unhealthy": False})
-    return {e["name"]: e["state"] for e in result["endpoints"]}
 
 
 def snapshot(pc2):
@@ -39,7 +29,7 @@ def assert_refused(pc2, before, result, reason):
     assert "No container on this host was changed" in result.stdout
     assert play_recap(result.stdout)["ai-lab-pc2"]["failed"] == 1
     assert snapshot(pc2) == before
-    assert pc2_health() == {name: "healthy" for name in PC2_SERVICES}
+    assert health("pc2") == all_healthy("pc2")
     assert_no_secret(result.stdout, result.stderr)
 
 
@@ -84,4 +74,4 @@ def test_the_air_gapped_load_path_still_deploys(pc2):
     assert "Load the images" in result.stdout
     images = set(pc2.check_output("docker ps --filter label=com.docker.compose.project=pc2 --format '{{.Image}}'").split())
     assert images == {"ai-system/agent:lab-next"}
-    assert pc2_health(wait=60) == {name: "healthy" for name in PC2_SERVICES}
+    assert health("pc2", wait=60) == all_healthy("pc2")

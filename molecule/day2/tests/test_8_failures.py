@@ -5,22 +5,11 @@ import json
 import subprocess
 import sys
 
-from conftest import PROJECT_DIR, containers, run_module, run_playbook
+from conftest import PROJECT_DIR, all_healthy, containers, health, run_playbook
 
 SITE = PROJECT_DIR / "site.yml"
-SERVICES = {"192.168.100.16": {"system-digital-twin": 7120, "task-router": 8571, "streaming-interrupt-handler": 5576,
-                               "streaming-tts-agent": 5562, "tts-agent": 5563, "responder": 5637},
-            "192.168.100.17": {"advanced-router": 5780, "translator-agent": 5789, "authentication-agent": 5790,
-                               "health-monitor": 5791, "context-monitor": 5792}}
-ALL_HEALTHY = {n: "healthy" for s in SERVICES.values() for n in s}
-
-
-def health(wait=0):
-    endpoints = [{"name": n, "url": f"tcp://{a}:{p}"} for a, s in SERVICES.items() for n, p in s.items()]
-    result = run_module("zmq_health", {
-        "endpoints": endpoints, "certificates_dir": str(PROJECT_DIR / "certificates"),
-        "client_key_name": "health-probe", "timeout": 3, "wait_timeout": wait, "fail_on_unhealthy": False})
-    return {e["name"]: e["state"] for e in result["endpoints"]}
+# Every service of both machines (health() probes them all).
+ALL_HEALTHY = all_healthy()
 
 
 def images(host, project):

@@ -19,14 +19,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (PROJECT_DIR, assert_check_mode_predicts_no_change, assert_no_secret, containers, play_recap,
-                      run_playbook)
+from conftest import (PROJECT_DIR, assert_check_mode_predicts_no_change, assert_no_secret, catalogue, containers,
+                      play_recap, run_playbook)
 
 SITE = PROJECT_DIR / "site.yml"
 MANAGE = PROJECT_DIR / "playbooks" / "manage.yml"
 LOCK = "/var/lib/ai-system/deploy.lock"
 AUDIT = "/var/log/ai-system/deployments.jsonl"
-PC2_SERVICES = {"advanced-router", "translator-agent", "authentication-agent", "health-monitor", "context-monitor"}
+PC2_SERVICES = set(catalogue("pc2"))
 OPERATOR = os.environ.get("AI_DEPLOY_OPERATOR") or os.environ.get("SUDO_USER") or getpass.getuser()
 
 

@@ -11,25 +11,15 @@ import json
 import re
 
 import pytest
-from conftest import REGISTRY, PROJECT_DIR, containers, play_recap, run_module, run_playbook
+from conftest import REGISTRY, PROJECT_DIR, all_healthy, containers, health, play_recap, run_playbook
 
 SITE = PROJECT_DIR / "site.yml"
 ROLLBACK = PROJECT_DIR / "playbooks" / "rollback.yml"
 RELEASES = "/opt/ai-system/pc2/releases"
 AUDIT = "/var/log/ai-system/deployments.jsonl"
 AGENT = f"{REGISTRY}/ai-system/agent"
-PC2_SERVICES = {"advanced-router": 5780, "translator-agent": 5789, "authentication-agent": 5790,
-                "health-monitor": 5791, "context-monitor": 5792}
 EXTRA_ENV = {"ai_stack_extra_env": {"RELEASE_TEST": "1"}, "ai_stack_releases_keep": 2}
 RELEASE_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{12}$")
-
-
-def pc2_health():
-    result = run_module("zmq_health", {
-        "endpoints": [{"name": n, "url": f"tcp://192.168.100.17:{p}"} for n, p in PC2_SERVICES.items()],
-        "certificates_dir": str(PROJECT_DIR / "certificates"), "client_key_name": "health-probe",
-        "timeout": 3, "wait_timeout": 0, "fail_on_unhealthy": False})
-    return {e["name"]: e["state"] for e in result["endpoints"]}
 
 
 def index(host):
@@ -117,7 +107,7 @@ def test_rollback_to_the_previous_release_and_site_brings_the_inventory_back(mai
     assert f"release {previous}" in result.stdout and "Check the services over CURVE" in result.stdout
     assert containers(mainpc, "mainpc") == mainpc_before
     assert set(release_test_env(pc2).values()) == {"1"}
-    assert pc2_health() == {name: "healthy" for name in PC2_SERVICES}
+    assert health("pc2") == all_healthy("pc2")
     after = index(pc2)
     assert after["current"] == previous and after["releases"] == before["releases"]
     assert pc2.file("/opt/ai-system/pc2/last-good/compose.yaml").sha256sum == \
@@ -129,7 +119,7 @@ def test_rollback_to_the_previous_release_and_site_brings_the_inventory_back(mai
     run_playbook(SITE, "--limit", "pc2")
     assert set(release_test_env(pc2).values()) == {""}
     assert index(pc2) == dict(before, current=current)
-    assert pc2_health() == {name: "healthy" for name in PC2_SERVICES}
+    assert health("pc2") == all_healthy("pc2")
 
     # Idempotent: nothing changes, no release is made.
     again = run_playbook(SITE, "--limit", "pc2")

@@ -12,11 +12,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import LAB_HOSTS, LAB_STATE, PROJECT_DIR, REGISTRY, lab_host, run_playbook
+from conftest import LAB_HOSTS, LAB_STATE, PROJECT_DIR, REGISTRY, host_address, lab_host, run_playbook, service
 
 ANSIBLE = Path(sys.executable).parent / "ansible"
 ANSIBLE_INVENTORY = Path(sys.executable).parent / "ansible-inventory"
-ADDRESSES = {"ai-lab-mainpc": "192.168.100.16", "ai-lab-pc2": "192.168.100.17"}
 INVENTORIES = ("inventory/lab", "inventory/production")
 
 
@@ -156,15 +155,18 @@ def test_swarm_and_shared_ports_are_open_to_the_peer_and_nothing_else(source, ta
     src, dst = lab_host(source), lab_host(target)
     # Swarm: management (manager only) and gossip on both.
     for port in ([2377] if target == "ai-lab-mainpc" else []) + [7946]:
-        assert reachable(src, ADDRESSES[target], port), port
+        assert reachable(src, host_address(target), port), port
     rules = dst.check_output("ufw show added")
-    shared = {"ai-lab-mainpc": [7120, 8571, 8572], "ai-lab-pc2": [5780]}[target]
+    # Shared services of the catalogue (some of them): their main and extra ports are open to the peer.
+    checked = {"ai-lab-mainpc": ["system-digital-twin", "task-router"], "ai-lab-pc2": ["advanced-router"]}[target]
+    shared = [port for name in checked
+              for port in [service(name, target)["port"], *service(name, target).get("extra_ports", [])]]
     for port in shared:
-        assert f"ufw allow from {ADDRESSES[source]} to any port {port} proto tcp" in rules
+        assert f"ufw allow from {host_address(source)} to any port {port} proto tcp" in rules
     # A port a host process opens, outside the catalogue, is not reachable from the peer.
     dst.check_output("systemd-run --collect --unit lab-stray-listener python3 -m http.server 9999")
     try:
         assert any(reachable(dst, "127.0.0.1", 9999) or time.sleep(0.5) for _ in range(20))  # it listens
-        assert not reachable(src, ADDRESSES[target], 9999)
+        assert not reachable(src, host_address(target), 9999)
     finally:
         dst.run("systemctl stop lab-stray-listener")

@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 import zmq.auth
-from conftest import PROJECT_DIR, assert_no_secret, containers, run_module, run_playbook, secret_keys
+from conftest import (PROJECT_DIR, assert_no_secret, catalogue, containers, host_address, run_module, run_playbook,
+                      secret_keys, service_endpoints)
 
-MAINPC_SERVICES = {"system-digital-twin": 7120, "task-router": 8571, "streaming-interrupt-handler": 5576,
-                   "streaming-tts-agent": 5562, "tts-agent": 5563, "responder": 5637}
-PC2_SERVICES = {"advanced-router": 5780, "translator-agent": 5789, "authentication-agent": 5790,
-                "health-monitor": 5791, "context-monitor": 5792}
-ADDRESSES = {"mainpc": "192.168.100.16", "pc2": "192.168.100.17"}
+# The service catalogue of each machine, from the lab inventory.
+MAINPC_SERVICES = catalogue("mainpc")
+PC2_SERVICES = catalogue("pc2")
+SDT_PORT = MAINPC_SERVICES["system-digital-twin"]
 
 
 def endpoints(machine, services):
     # The main ports answer health checks too, and are published on the host's address.
-    return [{"name": n, "url": f"tcp://{ADDRESSES[machine]}:{p}"} for n, p in services.items()]
+    return [{"name": n, "url": f"tcp://{host_address(machine)}:{p}"} for n, p in services.items()]
 
 
 def probe(endpoints, **keys):
@@ -31,7 +31,7 @@ def probe(endpoints, **keys):
 
 
 def test_every_service_is_healthy_over_curve():
-    result = probe(endpoints("mainpc", MAINPC_SERVICES) + endpoints("pc2", PC2_SERVICES))
+    result = probe(service_endpoints("mainpc") + service_endpoints("pc2"))
     states = {e["name"]: e["state"] for e in result["endpoints"]}
     assert states == {name: "healthy" for name in {**MAINPC_SERVICES, **PC2_SERVICES}}
 
@@ -57,12 +57,12 @@ def test_containers_are_hardened(mainpc):
 
 def test_pc2_reaches_the_registry_by_name_and_registers(mainpc, pc2):
     reply = pc2.check_output(
-        "docker exec translator-agent python3 /app/agent.py query --host system-digital-twin --port 7120 "
+        f"docker exec translator-agent python3 /app/agent.py query --host system-digital-twin --port {SDT_PORT} "
         "--json '{\"action\": \"health_check\"}'"
     )
     assert json.loads(reply)["status"] == "ok"
     listing = json.loads(mainpc.check_output(
-        "docker exec system-digital-twin python3 /app/agent.py query --host 127.0.0.1 --port 7120 "
+        f"docker exec system-digital-twin python3 /app/agent.py query --host 127.0.0.1 --port {SDT_PORT} "
         "--json '{\"action\": \"list_agents\"}'"
     ))
     registered = {agent["name"]: agent["location"] for agent in listing["agents"]}
@@ -76,7 +76,7 @@ def test_a_client_whose_key_is_not_authorised_gets_auth_failed():
     with tempfile.TemporaryDirectory() as tmp:
         zmq.auth.create_certificates(tmp, "intruder")
         shutil.copy(PROJECT_DIR / "certificates" / "server.key", tmp)
-        result = probe(endpoints("mainpc", {"system-digital-twin": 7120}),
+        result = probe(endpoints("mainpc", {"system-digital-twin": SDT_PORT}),
                        certificates_dir=tmp, client_key_name="intruder")
     assert [e["state"] for e in result["endpoints"]] == ["auth_failed"]
     assert result["endpoints"][0]["reply"] is None

@@ -1603,6 +1603,7 @@ def build_targets(params):
     default_expect_text = params['expect'] if params['expect'] is not None else DEFAULT_EXPECT
     compile_expect(default_expect_text, 'option expect')
     default_request = params['request'] if params['request'] is not None else DEFAULT_REQUEST
+    default_bytes = None
 
     targets = []
     for index, ep in enumerate(endpoints):
@@ -1613,11 +1614,19 @@ def build_targets(params):
         host, port, kind = parse_url(url, where)
         expect_text = ep.get('expect') if ep.get('expect') is not None else default_expect_text
         expect = compile_expect(expect_text, '%s, option expect' % where)
-        request = ep.get('request') if ep.get('request') is not None else default_request
-        try:
-            request_bytes = _encode_request(request)
-        except (TypeError, ValueError) as e:
-            raise ConfigError('%s: request cannot be encoded: %s' % (where, e))
+        request = ep.get('request')
+        if request is None:
+            if default_bytes is None:
+                try:
+                    default_bytes = _encode_request(default_request)
+                except (TypeError, ValueError) as e:
+                    raise ConfigError('%s: request cannot be encoded: %s' % (where, e))
+            request_bytes = default_bytes  # encoded once for all endpoints without their own request
+        else:
+            try:
+                request_bytes = _encode_request(request)
+            except (TypeError, ValueError) as e:
+                raise ConfigError('%s: request cannot be encoded: %s' % (where, e))
         server_key = None
         if ep.get('server_public_key'):
             try:

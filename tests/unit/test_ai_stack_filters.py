@@ -324,3 +324,11 @@ def test_runtime_drift_reports_configuration_differences():
                    "Labels": {"ai-system.certificates": "abc"}, "Status": "Up (healthy)"}]
     assert filters.ai_stack_runtime_drift(containers, compose, running, "MAX_MEMORY_MB=8192") == [
         "a: differs from its configuration: memory: 2048m running, 8192m wanted (would be recreated)"]
+
+
+def test_services_that_register_on_another_machine_must_be_shared():
+    services = [{"name": "a", "port": 1, "shared": True}, {"name": "b", "port": 2}]
+    assert filters.ai_stack_errors(services, "PC3", False, "img") == []
+    found = filters.ai_stack_errors(services, "PC3", False, "img", remote_registry="system-digital-twin")
+    assert found == ["ai_stack_services[1] (b): not shared, but this machine's agents register with system-digital-twin "
+                     "on another machine (ai_stack_force_local_sdt is false), over the shared network: set shared: true"]

@@ -34,8 +34,12 @@ def health_port(service: dict, offset: int) -> int:
 
 
 def ai_stack_errors(services: Any, machine_type: Any, gpu_host: bool, default_image: Any,
-                    health_port_offset: int = 1000) -> list[str]:
-    """Every problem of the catalogue, each naming the variable and the service."""
+                    health_port_offset: int = 1000, remote_registry: str = "") -> list[str]:
+    """Every problem of the catalogue, each naming the variable and the service.
+
+    remote_registry: the registry service on another machine the agents register with
+    (FORCE_LOCAL_SDT=0); they reach it over the shared network, so every service must join it.
+    """
     var = "ai_stack_services"
     errors: list[str] = []
     if not isinstance(machine_type, str) or not MACHINE_TYPE.match(machine_type):
@@ -86,6 +90,10 @@ def ai_stack_errors(services: Any, machine_type: Any, gpu_host: bool, default_im
         env = service.get("env", {})
         if not isinstance(env, dict):
             errors.append(f"{where}.env: must be a dict, got {type(env).__name__}")
+        if remote_registry and name and not service.get("shared"):
+            errors.append(f"{where}: not shared, but this machine's agents register with {remote_registry} on "
+                          f"another machine (ai_stack_force_local_sdt is false), over the shared network: "
+                          f"set shared: true")
         expect = service.get("health_expect")
         if expect is not None:
             if not isinstance(expect, str):

@@ -14,7 +14,7 @@ export PY_COLORS ?= 0
 
 # Molecule scenarios in the order `make test` runs them: role scenarios first, then
 # the whole deployment end to end, then day-2 operations on it.
-SCENARIOS ?= docker_engine nvidia_container_toolkit curve_certificates swarm_network default day2 convergence
+SCENARIOS ?= docker_engine nvidia_container_toolkit curve_certificates swarm_network default day2
 PLAYBOOKS := site.yml $(wildcard playbooks/*.yml)
 INVENTORIES := inventory/production inventory/lab
 

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -108,11 +109,32 @@ def health_port(name: str, group_or_host: str = "ai_hosts") -> int:
     return int(entry["port"]) + int(offset)
 
 
-def service_endpoints(group_or_host: str = "ai_hosts") -> list[dict[str, str]]:
-    """zmq_health endpoints of every service of a host or group: its main port on the host's
-    address (the main ports answer health checks too, and are published on that address)."""
-    return [{"name": name, "url": f"tcp://{host_address(host)}:{port}"}
-            for host in _hosts_of(group_or_host) for name, port in catalogue(host).items()]
+def service_endpoints(host: str) -> list[dict[str, str]]:
+    """zmq_health endpoints of every service of one host, as the deploy's gate probes them on
+    that host: its health port on 127.0.0.1 (main ports are not published, but the entry points)."""
+    return [{"name": name, "url": f"tcp://127.0.0.1:{health_port(name, host)}"} for name in catalogue(host)]
+
+
+def probe_on_hosts(endpoints: dict[str, list[dict]], *, certificates_dir: str = "/etc/ai-system/health-probe",
+                   client_key_name: str = "client", wait: int = 0) -> dict[str, dict]:
+    """zmq_health run on each lab host over SSH (molecule/resources/probe.yml), all at once:
+    {host: the module's result}. endpoints: {host: [endpoints]}."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as extra:
+        json.dump({"probe_hosts": ",".join(endpoints), "probe_endpoints": endpoints, "probe_wait": wait,
+                   "probe_certificates_dir": certificates_dir, "probe_client_key_name": client_key_name}, extra)
+    # The project's configuration (inventory, connection), but JSON output and no other callback.
+    env = dict(os.environ, ANSIBLE_CONFIG=str(PROJECT_DIR / "ansible.cfg"), ANSIBLE_STDOUT_CALLBACK="ansible.builtin.json",
+               ANSIBLE_CALLBACKS_ENABLED="", ANSIBLE_LOAD_CALLBACK_PLUGINS="1")
+    cmd = [str(Path(sys.executable).parent / "ansible-playbook"), str(PROJECT_DIR / "molecule" / "resources" / "probe.yml"),
+           "-e", f"@{extra.name}"]
+    try:
+        result = subprocess.run(cmd, cwd=PROJECT_DIR, env=env, text=True, capture_output=True, check=False)
+    finally:
+        os.unlink(extra.name)
+    try:
+        return json.loads(result.stdout)["plays"][0]["tasks"][0]["hosts"]
+    except (ValueError, KeyError, IndexError):
+        pytest.fail(f"{' '.join(cmd)} gave no JSON (rc={result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
 
 
 def lab_host(name: str) -> testinfra.host.Host:
@@ -190,11 +212,15 @@ def run_module(module: str, args: dict, *, host: str = "localhost") -> dict:
 
 def health(group_or_host: str = "ai_hosts", wait: int = 0) -> dict[str, str]:
     """{service: state} of every service of a host or group (default both machines), probed over
-    CURVE from the controller with the health probe's key; wait up to `wait` s for all healthy."""
-    result = run_module("zmq_health", {
-        "endpoints": service_endpoints(group_or_host), "certificates_dir": str(PROJECT_DIR / "certificates"),
-        "client_key_name": "health-probe", "timeout": 3, "wait_timeout": wait, "fail_on_unhealthy": False})
-    return {e["name"]: e["state"] for e in result["endpoints"]}
+    CURVE on each host with the health probe's key, as the deploy's gate does; wait up to `wait`
+    s for all healthy."""
+    results = probe_on_hosts({host: service_endpoints(host) for host in _hosts_of(group_or_host)}, wait=wait)
+    states = {}
+    for host, result in results.items():
+        if "endpoints" not in result:
+            pytest.fail(f"the health probe failed on {host}: {result.get('msg', result)}")
+        states.update({e["name"]: e["state"] for e in result["endpoints"]})
+    return states
 
 
 def all_healthy(group_or_host: str = "ai_hosts") -> dict[str, str]:

@@ -17,8 +17,8 @@ CATALOGUES = {
 }
 SETTINGS = {
     "project": "mainpc", "image": "ai-system/mainpc:1", "env_file": "env.mainpc", "health_port_offset": 1000,
-    "local_network": "mainpc-network", "shared_network": "ai-shared-network", "publish_address": "0.0.0.0",
-    "user": "10001:10001", "read_only": True, "memory_limit_mb": 8192, "logging": {"driver": "json-file"},
+    "local_network": "mainpc-network", "shared_network": "ai-shared-network", "publish_address": "192.0.2.16",
+    "user": "10001:10001", "read_only": True, "memory_limit_mb": 8192, "cpu_shares": 1024, "pids_limit": 512, "logging": {"driver": "json-file"},
     "healthcheck": {"test": ["CMD", "true"]}, "gpu_reservations": True, "certificates_dir": "/etc/c",
     "logs_dir": "/var/log/a", "certificates_digest": "abc",
 }
@@ -117,7 +117,7 @@ def test_compose_project_follows_the_seed():
                               "streaming-tts-agent", "tts-agent", "responder"]
     assert services["responder"]["depends_on"] == {"streaming-tts-agent": {"condition": "service_healthy"},
                                                    "tts-agent": {"condition": "service_healthy"}}
-    assert services["task-router"]["ports"] == ["0.0.0.0:8571:8571", "0.0.0.0:8572:8572", "127.0.0.1:9571:9571"]
+    assert services["task-router"]["ports"] == ["192.0.2.16:8571:8571", "192.0.2.16:8572:8572", "127.0.0.1:9571:9571"]
     assert services["system-digital-twin"]["networks"] == ["mainpc-network", "ai-shared-network"]
     assert services["responder"]["networks"] == ["mainpc-network"]
     assert "deploy" in services["tts-agent"] and "deploy" not in services["responder"]
@@ -222,6 +222,7 @@ def running_container(spec, name, env_file_vars=None, **changes):
             "SecurityOpt": spec["security_opt"], "ReadonlyRootfs": spec["read_only"], "CapDrop": spec["cap_drop"],
             "Tmpfs": {"/tmp": ""}, "LogConfig": {"Type": spec["logging"]["driver"], "Config": {}},
             "RestartPolicy": {"Name": spec["restart"]}, "DeviceRequests": None,
+            "CpuShares": spec["cpu_shares"], "PidsLimit": spec["pids_limit"], "NanoCpus": int(spec.get("cpus", 0) * 1e9),
         },
         "Mounts": [{"Type": "bind", "Source": v.split(":")[0], "Destination": v.split(":")[1],
                     "RW": not v.endswith(":ro")} for v in spec["volumes"]],
@@ -234,7 +235,7 @@ def running_container(spec, name, env_file_vars=None, **changes):
 
 
 def drift_setup(**changes):
-    compose = filters.ai_stack_compose([{"name": "a", "port": 5000, "shared": True}], SETTINGS)
+    compose = filters.ai_stack_compose([{"name": "a", "port": 5000, "shared": True, "publish": True}], SETTINGS)
     spec = compose["services"]["a"]
     running = {"containers": [running_container(spec, "a", {"MAX_MEMORY_MB": "8192"}, **changes)]}
     return compose, running
@@ -283,6 +284,9 @@ def test_environment_differences_name_keys_never_values():
     ({"HostConfig__LogConfig": {"Type": "local", "Config": {}}}, "logging"),
     ({"HostConfig__RestartPolicy": {"Name": "no"}}, "restart policy"),
     ({"HostConfig__DeviceRequests": [{"Driver": "nvidia"}]}, "GPU reservation"),
+    ({"HostConfig__CpuShares": 0}, "CPU shares: none running, 1024 wanted"),
+    ({"HostConfig__PidsLimit": None}, "PID limit: none running, 512 wanted"),
+    ({"HostConfig__NanoCpus": 500000000}, "CPUs: 0.5 running, 0 wanted"),
 ])
 def test_every_rendered_setting_is_compared(change, expected):
     if "Mounts" in change:
@@ -332,3 +336,48 @@ def test_services_that_register_on_another_machine_must_be_shared():
     found = filters.ai_stack_errors(services, "PC3", False, "img", remote_registry="system-digital-twin")
     assert found == ["ai_stack_services[1] (b): not shared, but this machine's agents register with system-digital-twin "
                      "on another machine (ai_stack_force_local_sdt is false), over the shared network: set shared: true"]
+
+
+def _compose(*services, **settings):
+    return filters.ai_stack_compose(list(services), {**SETTINGS, **settings})["services"]
+
+
+def test_main_ports_are_published_only_when_the_catalogue_asks():
+    services = _compose({"name": "hidden", "port": 5000}, {"name": "entry", "port": 5001, "extra_ports": [5002], "publish": True},
+                        {"name": "everywhere", "port": 5003, "publish": "0.0.0.0"}, {"name": "v6", "port": 5004, "publish": "fd00::1"})
+    assert services["hidden"]["ports"] == ["127.0.0.1:6000:6000"]
+    assert services["entry"]["ports"] == ["192.0.2.16:5001:5001", "192.0.2.16:5002:5002", "127.0.0.1:6001:6001"]
+    assert services["everywhere"]["ports"] == ["0.0.0.0:5003:5003", "127.0.0.1:6003:6003"]
+    assert services["v6"]["ports"] == ["[fd00::1]:5004:5004", "127.0.0.1:6004:6004"]
+
+
+def test_the_production_catalogues_publish_nothing_on_every_interface():
+    for machine, catalogue in CATALOGUES.items():
+        for name, spec in _compose(*catalogue["ai_stack_services"]).items():
+            published = [p for p in spec["ports"] if not p.startswith("127.0.0.1:")]
+            assert all(p.startswith("192.0.2.16:") for p in published), (machine, name, published)
+    entry_points = {s["name"] for c in CATALOGUES.values() for s in c["ai_stack_services"] if s.get("publish")}
+    assert entry_points == {"task-router", "advanced-router"}
+
+
+def test_every_container_has_cpu_shares_and_a_pid_limit_gpu_services_more_weight():
+    services = _compose(*CATALOGUES["mainpc"]["ai_stack_services"])
+    assert all(s["pids_limit"] == 512 for s in services.values())
+    assert {n: s["cpu_shares"] for n, s in services.items() if s["cpu_shares"] != 1024} == {
+        "streaming-tts-agent": 2048, "tts-agent": 2048}
+    capped = _compose({"name": "a", "port": 1, "cpus": 1.5, "pids_limit": 64, "cpu_shares": 512})["a"]
+    assert (capped["cpus"], capped["pids_limit"], capped["cpu_shares"]) == (1.5, 64, 512)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("publish", "everywhere", "publish: must be true (on the host's address), false, or an IP address"),
+    ("publish", 1, "publish: must be true"),
+    ("cpus", 0, "cpus: must be a number of CPUs from 0.01"),
+    ("cpus", "2", "cpus: must be a number of CPUs from 0.01"),
+    ("cpu_shares", 1, "cpu_shares: must be an integer 2-262144"),
+    ("pids_limit", 8, "pids_limit: must be an integer >= 16"),
+    ("pids_limit", True, "pids_limit: must be an integer >= 16"),
+])
+def test_publishing_and_limits_are_validated(key, value, message):
+    found = errors([{"name": "a", "port": 1, key: value}])
+    assert len(found) == 1 and f"ai_stack_services[0] (a).{message}" in found[0], found

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import LAB_HOSTS, LAB_STATE, PROJECT_DIR, REGISTRY, host_address, lab_host, run_playbook, service
+from conftest import LAB_HOSTS, LAB_STATE, PROJECT_DIR, REGISTRY, host_address, lab_host, run_playbook, services
 
 ANSIBLE = Path(sys.executable).parent / "ansible"
 ANSIBLE_INVENTORY = Path(sys.executable).parent / "ansible-inventory"
@@ -151,18 +151,20 @@ def test_the_firewall_is_on_and_denies_by_default(host):
 
 
 @pytest.mark.parametrize(("source", "target"), [("ai-lab-pc2", "ai-lab-mainpc"), ("ai-lab-mainpc", "ai-lab-pc2")])
-def test_swarm_and_shared_ports_are_open_to_the_peer_and_nothing_else(source, target):
+def test_swarm_and_published_ports_are_open_to_the_peer_and_nothing_else(source, target):
     src, dst = lab_host(source), lab_host(target)
     # Swarm: management (manager only) and gossip on both.
     for port in ([2377] if target == "ai-lab-mainpc" else []) + [7946]:
         assert reachable(src, host_address(target), port), port
     rules = dst.check_output("ufw show added")
-    # Shared services of the catalogue (some of them): their main and extra ports are open to the peer.
-    checked = {"ai-lab-mainpc": ["system-digital-twin", "task-router"], "ai-lab-pc2": ["advanced-router"]}[target]
-    shared = [port for name in checked
-              for port in [service(name, target)["port"], *service(name, target).get("extra_ports", [])]]
-    for port in shared:
+    # The services the catalogue publishes (the entry points): their main and extra ports are
+    # open to the peer, on the host's address.
+    published = [port for entry in services(target) if entry.get("publish")
+                 for port in [entry["port"], *entry.get("extra_ports", [])]]
+    assert published
+    for port in published:
         assert f"ufw allow from {host_address(source)} to any port {port} proto tcp" in rules
+        assert reachable(src, host_address(target), port), port
     # A port a host process opens, outside the catalogue, is not reachable from the peer.
     dst.check_output("systemd-run --collect --unit lab-stray-listener python3 -m http.server 9999")
     try:
@@ -170,3 +172,22 @@ def test_swarm_and_shared_ports_are_open_to_the_peer_and_nothing_else(source, ta
         assert not reachable(src, host_address(target), 9999)
     finally:
         dst.run("systemctl stop lab-stray-listener")
+
+
+@pytest.mark.parametrize(("source", "target"), [("ai-lab-pc2", "ai-lab-mainpc"), ("ai-lab-mainpc", "ai-lab-pc2")])
+def test_unpublished_services_are_closed_on_the_host_and_reached_over_the_shared_network(source, target):
+    """CIS Docker 5.14: a service no client outside the overlay needs is not published on the
+    host at all; the other machine still reaches it by name over ai-shared-network."""
+    src, dst = lab_host(source), lab_host(target)
+    hidden = [entry for entry in services(target) if not entry.get("publish")]
+    assert hidden
+    bindings = dst.check_output("docker ps --format '{{.Names}} {{.Ports}}'")
+    assert "0.0.0.0:" not in bindings and ":::" not in bindings, bindings
+    for entry in hidden:
+        assert not reachable(src, host_address(target), entry["port"]), entry["name"]
+    # A container of the source machine on the shared network reaches a shared, unpublished one.
+    shared = next(entry for entry in hidden if entry.get("shared"))
+    client = next(entry["name"] for entry in services(source) if entry.get("shared"))
+    script = ("import socket,sys; s=socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3); print('open')")
+    assert src.check_output("docker exec %s python3 -c %s %s %s", client, script, shared["name"],
+                            str(shared["port"])) == "open"

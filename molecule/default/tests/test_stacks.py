@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import zmq.auth
-from conftest import (PROJECT_DIR, assert_no_secret, catalogue, containers, host_address, run_module, run_playbook,
-                      secret_keys, service_endpoints)
+from conftest import (PROJECT_DIR, all_healthy, assert_no_secret, catalogue, containers, health, health_port, lab_host,
+                      probe_on_hosts, run_playbook, secret_keys)
 
 # The service catalogue of each machine, from the lab inventory.
 MAINPC_SERVICES = catalogue("mainpc")
@@ -17,23 +17,9 @@ PC2_SERVICES = catalogue("pc2")
 SDT_PORT = MAINPC_SERVICES["system-digital-twin"]
 
 
-def endpoints(machine, services):
-    # The main ports answer health checks too, and are published on the host's address.
-    return [{"name": n, "url": f"tcp://{host_address(machine)}:{p}"} for n, p in services.items()]
-
-
-def probe(endpoints, **keys):
-    args = {"endpoints": endpoints, "timeout": 3, "fail_on_unhealthy": False}
-    args.update(keys or {"certificates_dir": str(PROJECT_DIR / "certificates"), "client_key_name": "health-probe",
-                         "server_public_key": None})
-    args = {k: v for k, v in args.items() if v is not None}
-    return run_module("zmq_health", args)
-
-
 def test_every_service_is_healthy_over_curve():
-    result = probe(service_endpoints("mainpc") + service_endpoints("pc2"))
-    states = {e["name"]: e["state"] for e in result["endpoints"]}
-    assert states == {name: "healthy" for name in {**MAINPC_SERVICES, **PC2_SERVICES}}
+    # On each host, as the deploy's gate probes: the health ports, with the health probe's key.
+    assert health() == all_healthy()
 
 
 @pytest.mark.parametrize(("machine", "services"), [("mainpc", MAINPC_SERVICES), ("pc2", PC2_SERVICES)])
@@ -73,11 +59,19 @@ def test_pc2_reaches_the_registry_by_name_and_registers(mainpc, pc2):
 def test_a_client_whose_key_is_not_authorised_gets_auth_failed():
     # Keys go by file, not as module arguments: a Z85 key may contain "{{", which an
     # ad-hoc command line would template.
+    mainpc = lab_host("ai-lab-mainpc")
     with tempfile.TemporaryDirectory() as tmp:
         zmq.auth.create_certificates(tmp, "intruder")
         shutil.copy(PROJECT_DIR / "certificates" / "server.key", tmp)
-        result = probe(endpoints("mainpc", {"system-digital-twin": SDT_PORT}),
-                       certificates_dir=tmp, client_key_name="intruder")
+        mainpc.check_output("rm -rf /tmp/intruder")
+        subprocess.run(["docker", "cp", tmp, "ai-lab-mainpc:/tmp/intruder"], check=True)
+    try:
+        result = probe_on_hosts(
+            {"ai-lab-mainpc": [{"name": "system-digital-twin",
+                                "url": f"tcp://127.0.0.1:{health_port('system-digital-twin', 'mainpc')}"}]},
+            certificates_dir="/tmp/intruder", client_key_name="intruder")["ai-lab-mainpc"]
+    finally:
+        mainpc.check_output("rm -rf /tmp/intruder")
     assert [e["state"] for e in result["endpoints"]] == ["auth_failed"]
     assert result["endpoints"][0]["reply"] is None
 

@@ -24,7 +24,7 @@ def test_networks(mainpc, pc2):
 def test_compose_on_the_worker_can_use_the_overlay(pc2):
     pc2.check_output(
         "mkdir -p /tmp/overlay-compose && printf 'name: overlaytest\\nservices:\\n  probe:\\n"
-        "    image: ai-system/network-anchor:1\\n    networks: [ai-shared-network]\\n"
+        "    image: ai-system/network-anchor:2\\n    networks: [ai-shared-network]\\n"
         "networks:\\n  ai-shared-network:\\n    external: true\\n' > /tmp/overlay-compose/compose.yaml"
     )
     try:

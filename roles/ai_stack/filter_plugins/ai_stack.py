@@ -6,6 +6,7 @@ in Jinja keeps the checks exhaustive and the rendered Compose file predictable.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
 
@@ -18,6 +19,7 @@ SERVICE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 SERVICE_KEYS = {
     "name", "port", "health_port", "extra_ports", "depends_on", "gpu", "memory_limit_mb",
     "image", "env", "shared", "health_expect", "healthcheck", "read_only", "command",
+    "publish", "cpus", "cpu_shares", "pids_limit",
 }
 # A machine type names the Compose project and the machine's network (lowercased), and the
 # agents' MACHINE_TYPE. The types themselves are inventory data (one group per type).
@@ -81,6 +83,7 @@ def ai_stack_errors(services: Any, machine_type: Any, gpu_host: bool, default_im
                 errors.append(f"{where}.{key}: must be true or false, got {service[key]!r}")
         if service.get("gpu") is True and not gpu_host:
             errors.append(f"{where}.gpu: GPU service on a host outside the gpu_hosts group")
+        errors += _runtime_errors(service, where)
         memory = service.get("memory_limit_mb")
         if memory is not None and (not isinstance(memory, int) or isinstance(memory, bool) or memory < 64):
             errors.append(f"{where}.memory_limit_mb: must be an integer >= 64, got {memory!r}")
@@ -107,6 +110,28 @@ def ai_stack_errors(services: Any, machine_type: Any, gpu_host: bool, default_im
     valid = [s for s in services if isinstance(s, dict) and isinstance(s.get("name"), str)]
     errors += _port_errors(valid, health_port_offset)
     errors += _dependency_errors(valid, set(names))
+    return errors
+
+
+def _runtime_errors(service: dict, where: str) -> list[str]:
+    """Publishing and CPU/PID limits (CIS Docker 5.12, 5.14, 5.29)."""
+    errors = []
+    publish = service.get("publish", False)
+    if not isinstance(publish, bool):
+        try:
+            ipaddress.ip_address(publish if isinstance(publish, str) else None)
+        except (TypeError, ValueError):
+            errors.append(f"{where}.publish: must be true (on the host's address), false, or an IP address to "
+                          f"bind to, got {publish!r}")
+    cpus = service.get("cpus")
+    if cpus is not None and (isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or not 0.01 <= cpus <= 512):
+        errors.append(f"{where}.cpus: must be a number of CPUs from 0.01, got {cpus!r}")
+    shares = service.get("cpu_shares")
+    if shares is not None and (isinstance(shares, bool) or not isinstance(shares, int) or not 2 <= shares <= 262144):
+        errors.append(f"{where}.cpu_shares: must be an integer 2-262144 (1024 is one normal share), got {shares!r}")
+    pids = service.get("pids_limit")
+    if pids is not None and (isinstance(pids, bool) or not isinstance(pids, int) or pids < 16):
+        errors.append(f"{where}.pids_limit: must be an integer >= 16 (every container has a PID limit), got {pids!r}")
     return errors
 
 
@@ -169,9 +194,12 @@ def ai_stack_compose(services: list[dict], settings: dict) -> dict:
     for service in services:
         name = service["name"]
         hport = health_port(service, offset)
-        publish = settings["publish_address"]
-        ports = [f"{publish}:{p}:{p}" for p in [service["port"], *service.get("extra_ports", [])]]
-        # Health ports answer only the host's own probe.
+        # Main ports are published only when the catalogue asks (true: on the host's own
+        # address); other machines reach services over the shared network. Health ports answer
+        # only the host's own probe.
+        publish = service.get("publish", False)
+        address = settings["publish_address"] if publish is True else publish
+        ports = [f"{_bracketed(address)}:{p}:{p}" for p in [service["port"], *service.get("extra_ports", [])]] if address else []
         ports.append(f"127.0.0.1:{hport}:{hport}")
         networks = [local_net] + ([shared_net] if service.get("shared") else [])
         spec: dict[str, Any] = {
@@ -192,6 +220,8 @@ def ai_stack_compose(services: list[dict], settings: dict) -> dict:
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges:true"],
             "mem_limit": f"{service.get('memory_limit_mb', settings['memory_limit_mb'])}m",
+            "cpu_shares": service.get("cpu_shares", settings["cpu_shares"]),
+            "pids_limit": service.get("pids_limit", settings["pids_limit"]),
             "restart": "unless-stopped",
             "logging": settings["logging"],
             "ports": ports,
@@ -207,6 +237,8 @@ def ai_stack_compose(services: list[dict], settings: dict) -> dict:
                 "ai-system.health-port": str(hport),
             },
         }
+        if service.get("cpus") is not None:
+            spec["cpus"] = service["cpus"]
         if service.get("command"):
             spec["command"] = service["command"]
         deps = service.get("depends_on", [])
@@ -228,6 +260,10 @@ def ai_stack_compose(services: list[dict], settings: dict) -> dict:
 
 
 CONFIG_DIGEST_LABEL = "ai-system.config-digest"
+
+
+def _bracketed(address: str) -> str:
+    return f"[{address}]" if ":" in str(address) else str(address)
 
 
 def config_digest(spec: dict, env_digest: str = "") -> str:
@@ -346,7 +382,7 @@ def _wanted_ports(spec: dict) -> set[tuple[str, str, str]]:
     for entry in spec.get("ports", []):
         address, host_port, container_port = str(entry).rsplit(":", 2) if str(entry).count(":") >= 2 else ("", *str(entry).split(":"))
         proto = "udp" if container_port.endswith("/udp") else "tcp"
-        wanted.add((address, host_port, f"{container_port.split('/')[0]}/{proto}"))
+        wanted.add((address.strip("[]"), host_port, f"{container_port.split('/')[0]}/{proto}"))
     return wanted
 
 
@@ -411,6 +447,12 @@ def ai_stack_config_drift(running: dict, compose: dict, env_file: str = "") -> d
         memory = _size_bytes(spec["mem_limit"]) if "mem_limit" in spec else None
         if memory is not None and host.get("Memory") != memory:
             found.append(f"memory: {host.get('Memory', 0) // 1024 ** 2}m running, {memory // 1024 ** 2}m wanted")
+        if "cpu_shares" in spec and host.get("CpuShares") != spec["cpu_shares"]:
+            found.append(f"CPU shares: {host.get('CpuShares') or 'none'} running, {spec['cpu_shares']} wanted")
+        if round((host.get("NanoCpus") or 0) / 1e9, 2) != round(float(spec.get("cpus") or 0), 2):
+            found.append(f"CPUs: {(host.get('NanoCpus') or 0) / 1e9:g} running, {spec.get('cpus') or 0} wanted")
+        if "pids_limit" in spec and host.get("PidsLimit") != spec["pids_limit"]:
+            found.append(f"PID limit: {host.get('PidsLimit') or 'none'} running, {spec['pids_limit']} wanted")
         if _running_ports(info) != _wanted_ports(spec):
             found.append("ports: " + ", ".join(sorted(f"{a}:{h}->{c}" for a, h, c in _running_ports(info)) or ["none"])
                          + " running, " + ", ".join(sorted(f"{a}:{h}->{c}" for a, h, c in _wanted_ports(spec)) or ["none"])

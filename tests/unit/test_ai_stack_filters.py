@@ -18,7 +18,8 @@ CATALOGUES = {
 SETTINGS = {
     "project": "mainpc", "image": "ai-system/mainpc:1", "env_file": "env.mainpc", "health_port_offset": 1000,
     "local_network": "mainpc-network", "shared_network": "ai-shared-network", "publish_address": "192.0.2.16",
-    "user": "10001:10001", "read_only": True, "memory_limit_mb": 8192, "cpu_shares": 1024, "pids_limit": 512, "logging": {"driver": "json-file"},
+    "user": "10001:10001", "read_only": True, "memory_limit_mb": 8192, "cpu_shares": 1024, "pids_limit": 512,
+    "shm_size": "64m", "ulimits": {}, "gpu_shm_size": "2g", "gpu_ulimits": {"memlock": -1, "stack": 67108864}, "logging": {"driver": "json-file"},
     "healthcheck": {"test": ["CMD", "true"]}, "gpu_reservations": True, "certificates_dir": "/etc/c",
     "logs_dir": "/var/log/a", "certificates_digest": "abc",
 }
@@ -223,6 +224,7 @@ def running_container(spec, name, env_file_vars=None, **changes):
             "Tmpfs": {"/tmp": ""}, "LogConfig": {"Type": spec["logging"]["driver"], "Config": {}},
             "RestartPolicy": {"Name": spec["restart"]}, "DeviceRequests": None,
             "CpuShares": spec["cpu_shares"], "PidsLimit": spec["pids_limit"], "NanoCpus": int(spec.get("cpus", 0) * 1e9),
+            "ShmSize": 64 * 1024 ** 2, "Ulimits": None,
         },
         "Mounts": [{"Type": "bind", "Source": v.split(":")[0], "Destination": v.split(":")[1],
                     "RW": not v.endswith(":ro")} for v in spec["volumes"]],
@@ -287,6 +289,8 @@ def test_environment_differences_name_keys_never_values():
     ({"HostConfig__CpuShares": 0}, "CPU shares: none running, 1024 wanted"),
     ({"HostConfig__PidsLimit": None}, "PID limit: none running, 512 wanted"),
     ({"HostConfig__NanoCpus": 500000000}, "CPUs: 0.5 running, 0 wanted"),
+    ({"HostConfig__ShmSize": 2 * 1024 ** 3}, "shm size: 2048m running, 64m wanted"),
+    ({"HostConfig__Ulimits": [{"Name": "nofile", "Soft": 1024, "Hard": 1024}]}, "ulimits"),
 ])
 def test_every_rendered_setting_is_compared(change, expected):
     if "Mounts" in change:
@@ -379,5 +383,40 @@ def test_every_container_has_cpu_shares_and_a_pid_limit_gpu_services_more_weight
     ("pids_limit", True, "pids_limit: must be an integer >= 16"),
 ])
 def test_publishing_and_limits_are_validated(key, value, message):
+    found = errors([{"name": "a", "port": 1, key: value}])
+    assert len(found) == 1 and f"ai_stack_services[0] (a).{message}" in found[0], found
+
+
+def test_gpu_services_get_a_larger_shm_and_their_ulimits_by_default():
+    services = _compose(*CATALOGUES["mainpc"]["ai_stack_services"])
+    gpu = {n for n, s in services.items() if s["shm_size"] == "2g"}
+    assert gpu == {"streaming-tts-agent", "tts-agent"}
+    assert services["tts-agent"]["ulimits"] == {"memlock": -1, "stack": 67108864}
+    assert services["task-router"]["shm_size"] == "64m" and "ulimits" not in services["task-router"]
+    own = _compose({"name": "a", "port": 1, "gpu": True, "shm_size": "4g", "ulimits": {"nofile": {"soft": 1024, "hard": 4096}}})["a"]
+    assert (own["shm_size"], own["ulimits"]) == ("4g", {"nofile": {"soft": 1024, "hard": 4096}})
+
+
+def test_running_ulimits_and_shm_are_compared():
+    compose = filters.ai_stack_compose([{"name": "a", "port": 5000, "gpu": True}], SETTINGS)
+    spec = compose["services"]["a"]
+    running = {"containers": [running_container(spec, "a", {"MAX_MEMORY_MB": "8192"},
+                                                HostConfig__ShmSize=2 * 1024 ** 3, HostConfig__DeviceRequests=[{"Driver": "nvidia"}],
+                                                HostConfig__Ulimits=[{"Name": "memlock", "Soft": -1, "Hard": -1},
+                                                                     {"Name": "stack", "Soft": 67108864, "Hard": 67108864}])]}
+    assert filters.ai_stack_config_drift(running, compose, "MAX_MEMORY_MB=8192") == {}
+    running["containers"][0]["HostConfig"]["Ulimits"] = [{"Name": "stack", "Soft": 67108864, "Hard": 67108864}]
+    assert filters.ai_stack_config_drift(running, compose, "MAX_MEMORY_MB=8192") == {"a": ["ulimits"]}
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("shm_size", "2 GB", "shm_size: must be a size such as 64m or 2g"),
+    ("shm_size", 64, "shm_size: must be a size such as 64m or 2g"),
+    ("ulimits", {"rtprio": 1}, "ulimits: unknown limit 'rtprio'"),
+    ("ulimits", {"memlock": {"soft": 2, "hard": 1}}, "ulimits.memlock: must be an integer"),
+    ("ulimits", {"stack": "64m"}, "ulimits.stack: must be an integer"),
+    ("ulimits", [], "ulimits: must be a dict of limits"),
+])
+def test_shm_and_ulimits_are_validated(key, value, message):
     found = errors([{"name": "a", "port": 1, key: value}])
     assert len(found) == 1 and f"ai_stack_services[0] (a).{message}" in found[0], found

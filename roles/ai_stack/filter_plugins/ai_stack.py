@@ -19,8 +19,12 @@ SERVICE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 SERVICE_KEYS = {
     "name", "port", "health_port", "extra_ports", "depends_on", "gpu", "memory_limit_mb",
     "image", "env", "shared", "health_expect", "healthcheck", "read_only", "command",
-    "publish", "cpus", "cpu_shares", "pids_limit",
+    "publish", "cpus", "cpu_shares", "pids_limit", "shm_size", "ulimits",
 }
+# Resource limits a service may set (Compose `ulimits`); values are an integer (soft = hard)
+# or {soft, hard}; -1 is unlimited.
+ULIMITS = {"core", "memlock", "nofile", "nproc", "stack"}
+SIZE = re.compile(r"^[1-9][0-9]*[bkmg]?$")
 # A machine type names the Compose project and the machine's network (lowercased), and the
 # agents' MACHINE_TYPE. The types themselves are inventory data (one group per type).
 MACHINE_TYPE = re.compile(r"^[A-Z][A-Z0-9_]*$")
@@ -129,10 +133,35 @@ def _runtime_errors(service: dict, where: str) -> list[str]:
     shares = service.get("cpu_shares")
     if shares is not None and (isinstance(shares, bool) or not isinstance(shares, int) or not 2 <= shares <= 262144):
         errors.append(f"{where}.cpu_shares: must be an integer 2-262144 (1024 is one normal share), got {shares!r}")
+    shm = service.get("shm_size")
+    if shm is not None and not (isinstance(shm, str) and SIZE.match(shm.lower())):
+        errors.append(f"{where}.shm_size: must be a size such as 64m or 2g, got {shm!r}")
+    ulimits = service.get("ulimits")
+    if ulimits is not None:
+        if not isinstance(ulimits, dict):
+            errors.append(f"{where}.ulimits: must be a dict of limits, got {type(ulimits).__name__}")
+        else:
+            for limit, value in ulimits.items():
+                if limit not in ULIMITS:
+                    errors.append(f"{where}.ulimits: unknown limit {limit!r} (known: {sorted(ULIMITS)})")
+                elif not _ulimit_ok(value):
+                    errors.append(f"{where}.ulimits.{limit}: must be an integer (-1: unlimited) or "
+                                  f"{{soft, hard}} with soft <= hard, got {value!r}")
     pids = service.get("pids_limit")
     if pids is not None and (isinstance(pids, bool) or not isinstance(pids, int) or pids < 16):
         errors.append(f"{where}.pids_limit: must be an integer >= 16 (every container has a PID limit), got {pids!r}")
     return errors
+
+
+def _ulimit_ok(value: Any) -> bool:
+    def number(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= -1
+    if isinstance(value, dict):
+        soft, hard = value.get("soft"), value.get("hard")
+        if set(value) != {"soft", "hard"} or not number(soft) or not number(hard):
+            return False
+        return hard == -1 or (soft != -1 and soft <= hard)
+    return number(value)
 
 
 def _port_errors(services: list[dict], offset: int) -> list[str]:
@@ -222,6 +251,8 @@ def ai_stack_compose(services: list[dict], settings: dict) -> dict:
             "mem_limit": f"{service.get('memory_limit_mb', settings['memory_limit_mb'])}m",
             "cpu_shares": service.get("cpu_shares", settings["cpu_shares"]),
             "pids_limit": service.get("pids_limit", settings["pids_limit"]),
+            # GPU services (PyTorch-style TTS) get a larger /dev/shm and their own ulimits by default.
+            "shm_size": service.get("shm_size", settings["gpu_shm_size" if service.get("gpu") else "shm_size"]),
             "restart": "unless-stopped",
             "logging": settings["logging"],
             "ports": ports,
@@ -239,6 +270,9 @@ def ai_stack_compose(services: list[dict], settings: dict) -> dict:
         }
         if service.get("cpus") is not None:
             spec["cpus"] = service["cpus"]
+        ulimits = service.get("ulimits", settings["gpu_ulimits" if service.get("gpu") else "ulimits"])
+        if ulimits:
+            spec["ulimits"] = dict(ulimits)
         if service.get("command"):
             spec["command"] = service["command"]
         deps = service.get("depends_on", [])
@@ -404,6 +438,18 @@ def _running_mounts(info: dict) -> set[tuple[str, str, bool]]:
             for m in info.get("Mounts") or [] if m.get("Type") == "bind"}
 
 
+def _wanted_ulimits(spec: dict) -> set[tuple[str, int, int]]:
+    wanted = set()
+    for name, value in (spec.get("ulimits") or {}).items():
+        soft, hard = (value["soft"], value["hard"]) if isinstance(value, dict) else (value, value)
+        wanted.add((name, soft, hard))
+    return wanted
+
+
+def _running_ulimits(host: dict) -> set[tuple[str, int, int]]:
+    return {(u.get("Name"), u.get("Soft"), u.get("Hard")) for u in host.get("Ulimits") or []}
+
+
 def _healthcheck(spec: dict) -> dict:
     check = spec.get("healthcheck") or {}
     test = check.get("test")
@@ -451,6 +497,10 @@ def ai_stack_config_drift(running: dict, compose: dict, env_file: str = "") -> d
             found.append(f"CPU shares: {host.get('CpuShares') or 'none'} running, {spec['cpu_shares']} wanted")
         if round((host.get("NanoCpus") or 0) / 1e9, 2) != round(float(spec.get("cpus") or 0), 2):
             found.append(f"CPUs: {(host.get('NanoCpus') or 0) / 1e9:g} running, {spec.get('cpus') or 0} wanted")
+        if "shm_size" in spec and host.get("ShmSize") != _size_bytes(spec["shm_size"]):
+            found.append(f"shm size: {(host.get('ShmSize') or 0) // 1024 ** 2}m running, {spec['shm_size']} wanted")
+        if _running_ulimits(host) != _wanted_ulimits(spec):
+            found.append("ulimits")
         if "pids_limit" in spec and host.get("PidsLimit") != spec["pids_limit"]:
             found.append(f"PID limit: {host.get('PidsLimit') or 'none'} running, {spec['pids_limit']} wanted")
         if _running_ports(info) != _wanted_ports(spec):

@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import assert_check_mode_predicts_no_change
+from conftest import assert_check_mode_predicts_no_change, play_recap, run_playbook
 
 
 def test_engine_runs_enabled_with_compose_v2(host):
@@ -27,6 +27,25 @@ def test_daemon_json_is_merged_with_log_rotation(host):
     assert daemon["log-driver"] == "json-file"
     assert daemon["log-opts"] == {"max-size": "10m", "max-file": "3"}
     assert json.loads(host.check_output("docker info --format '{{json .LoggingDriver}}'")) == "json-file"
+    # The CIS Docker Benchmark's defaults (2.2, 2.14, 2.16), merged like any other key.
+    assert (daemon["icc"], daemon["no-new-privileges"], daemon["userland-proxy"]) == (False, True, False)
+
+
+def test_the_engines_packages_are_held(host):
+    status = host.check_output("dpkg-query --show --showformat '${db:Status-Abbrev} ${Package}\\n' docker.io docker-compose")
+    assert [line.split()[0] for line in status.splitlines()] == ["hi", "hi"], status
+
+
+def test_a_pinned_version_that_differs_is_not_applied_outside_the_upgrade(mainpc, scenario_dir):
+    installed = mainpc.check_output("dpkg-query --show --showformat '${Version}' docker.io")
+    started = mainpc.check_output("systemctl show docker --property ActiveEnterTimestampMonotonic")
+    pins = {"docker_engine_versions": {"docker.io": "0.0.1-not-this-one"}}
+    result = run_playbook(scenario_dir / "converge.yml", "-e", json.dumps(pins))
+    assert all(counts["changed"] == 0 for counts in play_recap(result.stdout).values()), result.stdout[-3000:]
+    assert f"docker.io {installed} installed, 0.0.1-not-this-one pinned" in result.stdout
+    assert "run playbooks/upgrade.yml" in result.stdout
+    assert mainpc.check_output("dpkg-query --show --showformat '${Version}' docker.io") == installed
+    assert mainpc.check_output("systemctl show docker --property ActiveEnterTimestampMonotonic") == started
 
 
 def test_python_libraries_for_the_modules(host):

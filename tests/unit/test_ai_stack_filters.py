@@ -420,3 +420,17 @@ def test_running_ulimits_and_shm_are_compared():
 def test_shm_and_ulimits_are_validated(key, value, message):
     found = errors([{"name": "a", "port": 1, key: value}])
     assert len(found) == 1 and f"ai_stack_services[0] (a).{message}" in found[0], found
+
+
+def test_gpu_services_request_cdi_devices_in_cdi_mode():
+    legacy = _compose({"name": "tts", "port": 1, "gpu": True})["tts"]
+    cdi = _compose({"name": "tts", "port": 1, "gpu": True}, gpu_mode="cdi")["tts"]
+    assert legacy["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia" and "devices" not in legacy
+    assert cdi["devices"] == ["nvidia.com/gpu=all"] and "deploy" not in cdi
+    compose = filters.ai_stack_compose([{"name": "tts", "port": 1, "gpu": True}], {**SETTINGS, "gpu_mode": "cdi"})
+    running = {"containers": [running_container(compose["services"]["tts"], "tts", {"MAX_MEMORY_MB": "8192"},
+                                                HostConfig__DeviceRequests=[{"Driver": "cdi", "DeviceIDs": ["nvidia.com/gpu=all"]}],
+                                                HostConfig__ShmSize=2 * 1024 ** 3,
+                                                HostConfig__Ulimits=[{"Name": "memlock", "Soft": -1, "Hard": -1},
+                                                                     {"Name": "stack", "Soft": 67108864, "Hard": 67108864}])]}
+    assert filters.ai_stack_config_drift(running, compose, "MAX_MEMORY_MB=8192") == {}

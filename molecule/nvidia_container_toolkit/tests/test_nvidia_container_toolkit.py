@@ -25,6 +25,25 @@ def test_engine_lists_the_nvidia_runtime(mainpc):
     assert "nvidia" in runtimes
 
 
+def test_the_gpu_loss_guard_is_in_place_once(mainpc):
+    # legacy mode: NVIDIA's /dev/char symlinks by a udev rule, and made once now.
+    rule = mainpc.file("/etc/udev/rules.d/71-nvidia-dev-char.rules").content_string
+    assert 'DEVPATH=="/bus/pci/drivers/nvidia"' in rule
+    assert 'RUN+="/usr/local/bin/nvidia-ctk system create-dev-char-symlinks --create-all"' in rule
+    calls = mainpc.file("/var/log/nvidia-ctk-standin.log").content_string.splitlines()
+    # Once, although the idempotence step converged again.
+    assert calls.count("system create-dev-char-symlinks --create-all") == 1
+
+
+def test_cdi_mode_generates_the_spec_and_turns_on_the_engines_cdi_feature(mainpc, scenario_dir):
+    mainpc.check_output("rm -f /etc/cdi/nvidia.yaml && mkdir -p /etc/cdi")
+    run_playbook(scenario_dir / "converge.yml", "-e", '{"nvidia_container_toolkit_mode": "cdi"}')
+    assert "kind: nvidia.com/gpu" in mainpc.file("/etc/cdi/nvidia.yaml").content_string
+    assert json.loads(mainpc.file("/etc/docker/daemon.json").content_string)["features"] == {"cdi": True}
+    again = run_playbook(scenario_dir / "converge.yml", "-e", '{"nvidia_container_toolkit_mode": "cdi"}')
+    assert " changed=0 " in again.stdout.split("PLAY RECAP")[-1], again.stdout[-3000:]
+
+
 def test_pc2_is_not_a_gpu_host(pc2):
     assert not pc2.file("/etc/apt/sources.list.d/nvidia-container-toolkit.sources").exists
 

@@ -279,8 +279,12 @@ def ai_stack_compose(services: list[dict], settings: dict) -> dict:
         if deps:
             spec["depends_on"] = {d: {"condition": "service_healthy"} for d in deps}
         if service.get("gpu") and settings["gpu_reservations"]:
-            spec["deploy"] = {"resources": {"reservations": {"devices": [
-                {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]}}}
+            if settings.get("gpu_mode") == "cdi":
+                # The GPUs as CDI devices (nvidia_container_toolkit_mode: cdi).
+                spec["devices"] = ["nvidia.com/gpu=all"]
+            else:
+                spec["deploy"] = {"resources": {"reservations": {"devices": [
+                    {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]}}}
         spec["labels"][CONFIG_DIGEST_LABEL] = config_digest(spec, settings.get("env_digest", ""))
         compose_services[name] = spec
 
@@ -461,7 +465,9 @@ def _healthcheck(spec: dict) -> dict:
 
 
 def _gpu_wanted(spec: dict) -> bool:
-    return bool(((spec.get("deploy") or {}).get("resources") or {}).get("reservations", {}).get("devices"))
+    # The nvidia runtime's device request, or CDI devices (both show as DeviceRequests).
+    return bool(((spec.get("deploy") or {}).get("resources") or {}).get("reservations", {}).get("devices")) \
+        or any("=" in str(d) for d in spec.get("devices", []))
 
 
 def ai_stack_config_drift(running: dict, compose: dict, env_file: str = "") -> dict[str, list[str]]:

@@ -434,3 +434,14 @@ def test_gpu_services_request_cdi_devices_in_cdi_mode():
                                                 HostConfig__Ulimits=[{"Name": "memlock", "Soft": -1, "Hard": -1},
                                                                      {"Name": "stack", "Soft": 67108864, "Hard": 67108864}])]}
     assert filters.ai_stack_config_drift(running, compose, "MAX_MEMORY_MB=8192") == {}
+
+
+def test_a_gpu_service_without_its_gpu_is_unhealthy():
+    health = {"endpoints": [{"name": "tts-agent", "state": "healthy", "healthy": True},
+                            {"name": "responder", "state": "healthy", "healthy": True}],
+              "healthy_count": 2, "unhealthy_count": 0}
+    assert filters.ai_stack_gpu_lost(health, []) is health
+    marked = filters.ai_stack_gpu_lost(health, ["tts-agent"])
+    assert [e["state"] for e in marked["endpoints"]] == ["gpu_lost", "healthy"]
+    assert (marked["healthy_count"], marked["unhealthy_count"]) == (1, 1)
+    assert filters.ai_stack_unhealthy(marked) == ["tts-agent: gpu_lost"]

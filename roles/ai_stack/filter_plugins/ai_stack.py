@@ -561,6 +561,18 @@ def ai_stack_changed_outside_compose(running: dict, compose: dict, env_file: str
                   if OTHER_CONFIGURATION not in found)
 
 
+def ai_stack_gpu_lost(health: dict, lost: list[str]) -> dict:
+    """The health result with the GPU services that see no GPU marked `gpu_lost` (unhealthy)."""
+    lost = set(lost or [])
+    if not lost or "endpoints" not in (health or {}):
+        return health
+    endpoints = [dict(e, state="gpu_lost", healthy=False,
+                      message="answers over ZMQ, but nvidia-smi -L sees no GPU in the container")
+                 if e.get("name") in lost else e for e in health["endpoints"]]
+    return dict(health, endpoints=endpoints, unhealthy_count=sum(not e.get("healthy") for e in endpoints),
+                healthy_count=sum(bool(e.get("healthy")) for e in endpoints))
+
+
 def ai_stack_unhealthy(health: dict) -> list[str]:
     """'name: state' of every unhealthy endpoint of a zmq_health result."""
     return [f"{e['name']}: {e['state']}" for e in health.get("endpoints", []) if not e.get("healthy")]
@@ -821,6 +833,7 @@ class FilterModule:
             "ai_stack_config_drift": ai_stack_config_drift,
             "ai_stack_changed_outside_compose": ai_stack_changed_outside_compose,
             "ai_stack_unhealthy": ai_stack_unhealthy,
+            "ai_stack_gpu_lost": ai_stack_gpu_lost,
             "ai_stack_health_table": ai_stack_health_table,
             "ai_stack_pull_failure": ai_stack_pull_failure,
             "ai_stack_image_digests": ai_stack_image_digests,

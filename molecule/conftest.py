@@ -124,7 +124,8 @@ def probe_on_hosts(endpoints: dict[str, list[dict]], *, certificates_dir: str = 
                    "probe_certificates_dir": certificates_dir, "probe_client_key_name": client_key_name}, extra)
     # The project's configuration (inventory, connection), but JSON output and no other callback.
     env = dict(os.environ, ANSIBLE_CONFIG=str(PROJECT_DIR / "ansible.cfg"), ANSIBLE_STDOUT_CALLBACK="ansible.builtin.json",
-               ANSIBLE_CALLBACKS_ENABLED="", ANSIBLE_LOAD_CALLBACK_PLUGINS="1")
+               # Only the JSON stdout callback (an empty list is an error).
+               ANSIBLE_CALLBACKS_ENABLED="ansible.builtin.json", ANSIBLE_LOAD_CALLBACK_PLUGINS="1")
     cmd = [str(Path(sys.executable).parent / "ansible-playbook"), str(PROJECT_DIR / "molecule" / "resources" / "probe.yml"),
            "-e", f"@{extra.name}"]
     try:

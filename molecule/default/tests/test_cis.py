@@ -13,7 +13,7 @@ ANCHOR_IMAGE = "ai-system/network-anchor:2"
 
 def inspect_all(host):
     ids = host.check_output("docker ps --all --quiet").split()
-    return json.loads(host.check_output("docker inspect %s", " ".join(ids)))
+    return json.loads(host.check_output("docker inspect " + " ".join(ids)))  # hex ids
 
 
 def test_daemon_json_holds_the_three_settings(host):

@@ -8,9 +8,10 @@ from conftest import PROJECT_DIR
 
 
 def test_gpu_proof_fails_clearly_without_a_gpu(mainpc):
-    subprocess.run(["docker", "cp", str(PROJECT_DIR / "scripts" / "gpu-proof"), "ai-lab-mainpc:/tmp/gpu-proof"], check=True)
-    result = mainpc.run("python3 /tmp/gpu-proof")
-    mainpc.run("rm -f /tmp/gpu-proof")
+    # Not /tmp: docker cp cannot write into the lab host's tmpfs mounts.
+    subprocess.run(["docker", "cp", str(PROJECT_DIR / "scripts" / "gpu-proof"), "ai-lab-mainpc:/var/tmp/gpu-proof"], check=True)
+    result = mainpc.run("python3 /var/tmp/gpu-proof")
+    mainpc.run("rm -f /var/tmp/gpu-proof")
     assert result.rc == 1
     lines = result.stdout.splitlines()
     assert lines[0].startswith("FAIL  driver answers on the host (nvidia-smi -L)")

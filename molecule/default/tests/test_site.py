@@ -27,7 +27,8 @@ def test_hosts_form_one_swarm(mainpc, pc2):
 
 def test_pc2_reaches_mainpc_by_name_over_the_shared_network(pc2):
     out = pc2.check_output(
-        "docker run --rm --network ai-shared-network ai-system/network-anchor:2 "
+        # As root: ping needs a raw socket (the anchor image runs as nobody).
+        "docker run --rm --user 0 --network ai-shared-network ai-system/network-anchor:2 "
         "ping -c 1 -W 3 ai-network-anchor-ai-lab-mainpc"
     )
     assert "1 packets received" in out

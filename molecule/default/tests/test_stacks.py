@@ -63,15 +63,16 @@ def test_a_client_whose_key_is_not_authorised_gets_auth_failed():
     with tempfile.TemporaryDirectory() as tmp:
         zmq.auth.create_certificates(tmp, "intruder")
         shutil.copy(PROJECT_DIR / "certificates" / "server.key", tmp)
-        mainpc.check_output("rm -rf /tmp/intruder")
-        subprocess.run(["docker", "cp", tmp, "ai-lab-mainpc:/tmp/intruder"], check=True)
+        # Not /tmp: docker cp cannot write into the lab host's tmpfs mounts.
+        mainpc.check_output("rm -rf /var/tmp/intruder")
+        subprocess.run(["docker", "cp", tmp, "ai-lab-mainpc:/var/tmp/intruder"], check=True)
     try:
         result = probe_on_hosts(
             {"ai-lab-mainpc": [{"name": "system-digital-twin",
                                 "url": f"tcp://127.0.0.1:{health_port('system-digital-twin', 'mainpc')}"}]},
-            certificates_dir="/tmp/intruder", client_key_name="intruder")["ai-lab-mainpc"]
+            certificates_dir="/var/tmp/intruder", client_key_name="intruder")["ai-lab-mainpc"]
     finally:
-        mainpc.check_output("rm -rf /tmp/intruder")
+        mainpc.check_output("rm -rf /var/tmp/intruder")
     assert [e["state"] for e in result["endpoints"]] == ["auth_failed"]
     assert result["endpoints"][0]["reply"] is None
 

@@ -29,7 +29,8 @@ def test_compose_on_the_worker_can_use_the_overlay(pc2):
     )
     try:
         pc2.check_output("docker compose -f /tmp/overlay-compose/compose.yaml up -d")
-        out = pc2.check_output("docker compose -f /tmp/overlay-compose/compose.yaml exec probe /bin/busybox "
+        # As root: ping needs a raw socket (the anchor image runs as nobody).
+        out = pc2.check_output("docker compose -f /tmp/overlay-compose/compose.yaml exec --user 0 probe /bin/busybox "
                                "ping -c 1 -W 3 ai-network-anchor-ai-lab-mainpc")
         assert "1 packets received" in out
     finally:

@@ -59,3 +59,13 @@ def test_docker_users(host):
 
 def test_check_mode_after_converge_predicts_no_change(scenario_dir):
     assert_check_mode_predicts_no_change(scenario_dir / "converge.yml")
+
+
+def test_a_systemd_reload_without_the_gpu_guard_is_refused_before_any_change(mainpc, scenario_dir):
+    # site.yml hands over the NVIDIA role's verdict; false: a GPU host without the guard.
+    stamp = mainpc.file("/etc/systemd/system/docker.service.d/ai-config-stamp.conf").sha256sum
+    result = run_playbook(scenario_dir / "converge.yml", "-e", '{"docker_engine_systemd_reload_safe": false}', check=False)
+    assert result.returncode != 0
+    assert "the guard against GPU loss is not confirmed there" in result.stdout
+    assert all(counts["changed"] == 0 for counts in play_recap(result.stdout).values())
+    assert mainpc.file("/etc/systemd/system/docker.service.d/ai-config-stamp.conf").sha256sum == stamp

@@ -61,8 +61,11 @@ syntax: venv  ## Syntax-check every playbook against both inventories
 unit: venv  ## Unit tests of the modules and the stand-in agent (real ZeroMQ sockets)
 	pytest -q tests/unit
 
+# CI shows only the end of the output: a failed scenario ends with its failed tests.
 molecule: venv engine  ## Run the molecule scenarios on the lab
-	@for s in $(SCENARIOS); do echo "== molecule test -s $$s"; molecule test -s $$s; done
+	@mkdir -p .cache && rm -f .cache/verify-*.log
+	@for s in $(SCENARIOS); do echo "== molecule test -s $$s"; \
+		molecule test -s $$s || { scripts/verify-summary "$$s"; exit 1; }; done
 
 bench: venv engine  ## Benchmarks (module fan-out, lab deploy times)
 	$(BIN)/python scripts/bench

@@ -379,3 +379,42 @@ def test_the_role_puts_back_the_directory_files_the_project_keeps():
     assert (files / "certificates.README.md").read_text() == (PROJECT / "certificates/README.md").read_text()
     ignored = (files / "certificates.gitignore").read_text().split()
     assert ignored[ignored.index("*"):] == ["*", "!.gitignore", "!README.md"]
+
+
+def test_a_failed_no_log_copy_is_explained_without_the_key(tmp_path):
+    """The rescue of a no_log copy names the file and the reason, never the key."""
+    make_pairs(tmp_path, ["client"])
+    public, secret = zmq.auth.load_certificate(str(tmp_path / "client.key_secret"))
+    failed = {"results": [
+        {"failed": False, "item": {"dest": "/etc/ai-system/certificates/server.key_secret"}},
+        {"failed": True, "item": {"dest": "/etc/ai-system/certificates/client.key_secret"},
+         "msg": f"could not write {secret.decode()} (No space left on device)"},
+    ]}
+    reason = filters.curve_certificates_failure(failed)
+    assert reason.startswith("/etc/ai-system/certificates/client.key_secret: could not write ")
+    assert "No space left on device" in reason and "server.key_secret" not in reason
+    assert secret.decode() not in reason and public.decode() not in reason
+    assert filters.curve_certificates_failure({"msg": "Failed to connect to the host via ssh"}) == (
+        "Failed to connect to the host via ssh")
+    assert len(filters.curve_certificates_failure({"msg": "x" * 1000})) == 300
+    assert filters.curve_certificates_failure(None) == "no message"
+
+
+def test_complete_only_when_every_pair_is_usable_with_its_modes(tmp_path):
+    """complete lets the role skip asking zmq_curve_keypair: it must be false for anything the module would mend."""
+    directory = make_pairs(tmp_path / "certs")
+    for name in NAMES:
+        (directory / f"{name}.key").chmod(0o644)
+        (directory / f"{name}.key_secret").chmod(0o600)
+    assert filters.curve_certificates_controller_keys(str(directory), NAMES)["complete"]
+
+    (directory / "client.key_secret").chmod(0o640)
+    assert not filters.curve_certificates_controller_keys(str(directory), NAMES)["complete"]
+    (directory / "client.key_secret").chmod(0o600)
+
+    assert not filters.curve_certificates_controller_keys(str(directory), NAMES + ["extra"])["complete"]
+
+    secret = directory / "server.key_secret"
+    secret.write_text(re.sub(r'secret-key = "[^"]*"', 'secret-key = ""', secret.read_text()))
+    view = filters.curve_certificates_controller_keys(str(directory), NAMES)
+    assert not view["complete"] and view["problems"] == ["server.key_secret holds no secret key"]

@@ -13,6 +13,7 @@ import os
 import re
 
 PUBLIC_KEY_LINE = re.compile(rb'^\s*public-key\s*=\s*"([^"]*)"', re.MULTILINE)
+SECRET_KEY_LINE = re.compile(rb'^\s*secret-key\s*=\s*"[^"]{40}"', re.MULTILINE)
 GREP_LINE = re.compile(r'^(?P<path>.*?):\s*public-key\s*=\s*"(?P<key>[^"]*)"')
 
 RECOVER = "ansible-playbook playbooks/recover-keys.yml"
@@ -83,10 +84,12 @@ def _public_key_of(data: bytes):
 def curve_certificates_controller_keys(directory: str, names) -> dict:
     """What the controller's directory holds, read on the controller.
 
-    {'dir', 'files': {'NAME.key': {'sha1', 'fingerprint'}, 'NAME.key_secret': {'sha1', 'fingerprint'}},
-     'problems': [...]}. The fingerprint of a secret file is that of the public key written
-    next to its secret; the secret key itself is never looked at. A problem is a pair the
-    role cannot use as it is: half present, or its two files holding different public keys.
+    {'dir', 'files': {'NAME.key': {'sha1', 'fingerprint', 'mode'}, 'NAME.key_secret': {...}},
+     'problems': [...], 'complete': bool}. The fingerprint of a secret file is that of the
+    public key written next to its secret; the secret key itself is never looked at, only
+    whether a line holds one. A problem is a pair the role cannot use as it is: half present,
+    or its two files holding different public keys. ``complete`` says that every pair is
+    there, usable and with its modes (0644, 0600): the role then has no pair to make or mend.
     """
     files: dict = {}
     problems: list = []
@@ -103,9 +106,12 @@ def curve_certificates_controller_keys(directory: str, names) -> dict:
                 data = handle.read()
             key = _public_key_of(data)
             files[fname] = {"sha1": hashlib.sha1(data).hexdigest(),  # noqa: S324 - find's checksum
-                            "fingerprint": curve_certificates_fingerprint(key) if key else None}
+                            "fingerprint": curve_certificates_fingerprint(key) if key else None,
+                            "mode": "%04o" % (os.stat(path).st_mode & 0o7777)}
             if key is None:
                 problems.append(f"{fname} holds no public key")
+            elif fname == secret and not SECRET_KEY_LINE.search(data):
+                problems.append(f"{fname} holds no secret key")
         present = [f for f in (public, secret) if os.path.lexists(os.path.join(directory, f))]
         if present == [public]:
             problems.append(f"{public} is there without its secret half {secret}")
@@ -115,7 +121,10 @@ def curve_certificates_controller_keys(directory: str, names) -> dict:
               and files[public]["fingerprint"] != files[secret]["fingerprint"]):
             problems.append(f"{public} ({files[public]['fingerprint']}) and {secret} "
                             f"({files[secret]['fingerprint']}) hold different public keys")
-    return {"dir": directory, "files": files, "problems": problems}
+    complete = not problems and all(
+        files.get(f, {}).get("mode") == mode
+        for name in names for f, mode in ((f"{name}.key", "0644"), (f"{name}.key_secret", "0600")))
+    return {"dir": directory, "files": files, "problems": problems, "complete": complete}
 
 
 def curve_certificates_unknown_public(host_keys: dict, controller: dict) -> list:
@@ -358,6 +367,35 @@ def curve_certificates_recover_plan(controller: dict, hosts: dict, layout: list,
                         if files else f"{controller['dir']} already holds the hosts' keys."))}
 
 
+# A Z85 key is a run of exactly 40 characters of this alphabet; nothing that looks like
+# one leaves a message.
+_Z85 = r'[0-9A-Za-z.:+=^!/*?&<>()\[\]{}@%$#-]'
+Z85_KEY = re.compile(rf'(?<!{_Z85}){_Z85}{{40}}(?!{_Z85})')
+
+
+def curve_certificates_failure(result) -> str:
+    """Why a no_log task (or one item of its loop) failed, without any key material.
+
+    ``result`` is ``ansible_failed_result``. Only module messages are read (never the
+    arguments, which hold the content); anything shaped like a Z85 key is masked, and the
+    text is cut to 300 characters.
+    """
+    result = result or {}
+    items = [r for r in result.get("results") or [] if isinstance(r, dict) and r.get("failed")]
+    if items:
+        reasons = []
+        for item in items:
+            label = item.get("_ansible_item_label", item.get("item"))
+            if isinstance(label, dict):
+                label = label.get("dest") or label.get("src") or label.get("path")
+            reasons.append(f"{label}: {str(item.get('msg') or 'no message').strip()}")
+        text = "; ".join(reasons)
+    else:
+        text = str(result.get("msg") or "no message").strip()
+    text = Z85_KEY.sub("*" * 8, text)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 class FilterModule:
     def filters(self):
         return {
@@ -371,4 +409,5 @@ class FilterModule:
             "curve_certificates_controller_refusal": curve_certificates_controller_refusal,
             "curve_certificates_key_check": curve_certificates_key_check,
             "curve_certificates_recover_plan": curve_certificates_recover_plan,
+            "curve_certificates_failure": curve_certificates_failure,
         }

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -215,7 +216,14 @@ def health(group_or_host: str = "ai_hosts", wait: int = 0) -> dict[str, str]:
     """{service: state} of every service of a host or group (default both machines), probed over
     CURVE on each host with the health probe's key, as the deploy's gate does; wait up to `wait`
     s for all healthy."""
-    results = probe_on_hosts({host: service_endpoints(host) for host in _hosts_of(group_or_host)}, wait=wait)
+    deadline = time.monotonic() + wait
+    while True:
+        left = max(0, int(deadline - time.monotonic()))
+        results = probe_on_hosts({host: service_endpoints(host) for host in _hosts_of(group_or_host)}, wait=left)
+        # A host that restarts refuses SSH for a while: within the wait, that is not an answer yet.
+        if not left or not any(result.get("unreachable") for result in results.values()):
+            break
+        time.sleep(2)
     states = {}
     for host, result in results.items():
         if "endpoints" not in result:

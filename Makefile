@@ -66,6 +66,8 @@ molecule: venv engine  ## Run the molecule scenarios on the lab
 	@mkdir -p .cache && rm -f .cache/verify-*.log
 	@for s in $(SCENARIOS); do echo "== molecule test -s $$s"; \
 		molecule test -s $$s || { scripts/verify-summary "$$s"; exit 1; }; done
+	@# Scenarios keep the lab registry for the next one (molecule/resources/destroy.yml).
+	ansible-playbook playbooks/lab-down.yml
 
 bench: venv engine  ## Benchmarks (module fan-out, lab deploy times)
 	$(BIN)/python scripts/bench

@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from conftest import PROJECT_DIR, all_healthy, containers, health, run_playbook
+from conftest import PROJECT_DIR, all_healthy, containers, health, run_playbook, secret_keys
 
 SITE = PROJECT_DIR / "site.yml"
 # Every service of both machines (health() probes them all).
@@ -70,3 +70,24 @@ def test_a_failing_no_log_task_says_what_failed_and_what_to_do(mainpc, pc2):
     finally:
         mainpc.check_output("systemctl start docker.service")
     assert health(wait=180) == ALL_HEALTHY
+
+
+def test_a_failing_secret_key_copy_says_why_without_the_key(pc2):
+    """The secret copies are no_log: their failure must still say what failed and where."""
+    before = containers(pc2, "pc2")
+    secret = "/etc/ai-system/certificates/client.key_secret"
+    # The copy must change the file (its mode), on a file system that refuses writes.
+    pc2.check_output(f"chmod 0644 {secret}")
+    pc2.check_output("mount --bind /etc/ai-system/certificates /etc/ai-system/certificates"
+                     " && mount -o remount,ro,bind /etc/ai-system/certificates")
+    try:
+        result = run_playbook(SITE, "--limit", "pc2", check=False)
+    finally:
+        pc2.check_output("umount /etc/ai-system/certificates")
+        pc2.check_output(f"chmod 0600 {secret}")
+    assert result.returncode != 0
+    assert "Could not copy the secret keys to ai-lab-pc2" in result.stdout, result.stdout[-3000:]
+    assert f"{secret}: " in result.stdout and "Read-only file system" in result.stdout
+    for key in secret_keys():
+        assert key not in result.stdout and key not in result.stderr
+    assert containers(pc2, "pc2") == before

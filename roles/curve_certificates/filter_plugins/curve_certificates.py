@@ -386,8 +386,8 @@ def curve_certificates_failure(result) -> str:
         reasons = []
         for item in items:
             label = item.get("_ansible_item_label", item.get("item"))
-            if isinstance(label, dict):
-                label = label.get("dest") or label.get("src") or label.get("path")
+            if isinstance(label, dict):  # a loop item: only its path, never its content
+                label = label.get("dest") or label.get("src") or label.get("path") or "an item"
             reasons.append(f"{label}: {str(item.get('msg') or 'no message').strip()}")
         text = "; ".join(reasons)
     else:

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_DIR, assert_no_secret, run_playbook
+from conftest import PROJECT_DIR, assert_no_secret, play_recap, run_playbook
 
 
 def drift_check(report_dir: Path) -> subprocess.CompletedProcess:
@@ -67,3 +67,65 @@ def test_a_host_that_left_the_swarm_is_drift(pc2, tmp_path):
     assert result.returncode == 2
     assert "Join the swarm" in report_text(tmp_path)
     assert pc2.check_output("docker info --format '{{.Swarm.LocalNodeState}}'") == "inactive"
+
+
+# Each role reads the files it manages once (library/managed_files.py) and runs a file,
+# copy or template task only for a path that differs. A change by hand to any of them must
+# still be reported by drift-check, and repaired by the next run, which must be the last.
+HAND_CHANGES = {
+    "mainpc": {
+        "chmod 0700 /etc/systemd/system/docker.service.d": "Create the engine's systemd drop-in directory",
+        "echo '# by hand' >> /etc/systemd/system/docker.service.d/ai-config-stamp.conf":
+            "Record at each engine start the daemon.json it started with",
+        "chmod 0700 /usr/local/sbin/ai-overlay-restart": "Install the overlay restart helper",
+        "chmod 0600 /opt/ai-system/mainpc/compose.yaml": "Write the Compose project",
+    },
+    "pc2": {
+        "chmod 0700 /etc/docker": "Create /etc/docker",
+        "rm /etc/systemd/system/docker.service.wants/ai-overlay-restart.service":
+            "Run the overlay restart helper after every engine start",
+        "echo '# by hand' >> /etc/systemd/system/ai-overlay-restart.service": "Install the overlay restart unit",
+        "echo '# by hand' >> '/etc/docker/certs.d/ai-lab-registry:5000/ca.crt'": "Install the registry's CA certificate",
+        "chmod 0700 /opt/ai-system/pc2/last-good": "Create the project and log directories",
+        "echo 'BY_HAND=1' >> /opt/ai-system/pc2/env.pc2": "Write the agents' environment file",
+        "chmod 0755 /etc/ai-system/certificates": "Create the host's certificate directories (not world-readable)",
+    },
+}
+
+
+def changed_tasks(output: str) -> dict[str, set[str]]:
+    """{task name: hosts it changed} from ansible-playbook's default output (names as shown:
+    a name with a template shows the first host's value)."""
+    changed: dict[str, set[str]] = {}
+    task = ""
+    for line in output.splitlines():
+        if line.startswith("TASK ["):
+            task = line[6:line.rindex("]")].split(" : ", 1)[-1]
+        elif line.startswith("changed: ["):
+            changed.setdefault(task, set()).add(line[10:line.index("]")])
+    return changed
+
+
+def test_every_file_changed_by_hand_is_reported_and_repaired(mainpc, pc2, tmp_path):
+    hosts = {"mainpc": mainpc, "pc2": pc2}
+    for name, changes in HAND_CHANGES.items():
+        for command in changes:
+            hosts[name].check_output(command)
+
+    result = drift_check(tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    report = report_text(tmp_path)
+    missing = [task for changes in HAND_CHANGES.values() for task in changes.values() if f". {task}" not in report]
+    assert not missing, f"drift-check did not report: {missing}\n{result.stdout[-3000:]}"
+
+    repaired = changed_tasks(run_playbook(PROJECT_DIR / "site.yml").stdout)
+    for name, changes in HAND_CHANGES.items():
+        for task in changes.values():
+            hosts_repaired = set().union(*(done for title, done in repaired.items() if title.startswith(task)))
+            assert f"ai-lab-{name}" in hosts_repaired, f"{task} did not repair ai-lab-{name}: {repaired}"
+    assert pc2.file("/etc/systemd/system/docker.service.wants/ai-overlay-restart.service").is_symlink
+    assert pc2.file("/etc/ai-system/certificates").mode == 0o700
+    assert "BY_HAND" not in pc2.file("/opt/ai-system/pc2/env.pc2").content_string
+
+    again = run_playbook(PROJECT_DIR / "site.yml")
+    assert all(counts["changed"] == 0 for counts in play_recap(again.stdout).values()), again.stdout[-3000:]

@@ -38,8 +38,10 @@ options:
     required: true
     suboptions:
       path:
-        description: Absolute path on the host.
-        type: path
+        description:
+          - Absolute path on the host, as the role will look it up in RV(differ) and RV(paths);
+            no C(~), no variables, no trailing C(/) (which would follow a symlink).
+        type: str
         required: true
       state:
         description:
@@ -49,8 +51,10 @@ options:
         choices: [file, directory, link]
         default: file
       mode:
-        description: Desired permissions as an octal string, for example V('0644').
-        type: str
+        description:
+          - Desired permissions as an octal string, for example V('0644').
+          - An integer (an unquoted C(0644) in YAML) is read as M(ansible.builtin.file) reads it.
+        type: raw
       owner:
         description: Desired owner, a user name or a numeric uid.
         type: str
@@ -243,6 +247,8 @@ def check_specs(specs):
         path = spec['path']
         if not os.path.isabs(path):
             errors.append('%s: the path must be absolute' % path)
+        elif path != '/' and path.endswith('/'):
+            errors.append('%s: the path must not end with / (it would follow a symlink)' % path)
         if spec['mode'] is not None and not OCTAL_MODE.match(spec['mode']):
             errors.append("%s: mode must be an octal string such as '0644', not %r" % (path, spec['mode']))
         if spec['checksum'] is not None and not SHA1.match(spec['checksum']):
@@ -260,9 +266,9 @@ def main():
     module = AnsibleModule(
         argument_spec=dict(
             paths=dict(type='list', elements='dict', required=True, options=dict(
-                path=dict(type='path', required=True),
+                path=dict(type='str', required=True),
                 state=dict(type='str', choices=['file', 'directory', 'link'], default='file'),
-                mode=dict(type='str'),
+                mode=dict(type='raw'),
                 owner=dict(type='str'),
                 group=dict(type='str'),
                 checksum=dict(type='str'),
@@ -272,6 +278,12 @@ def main():
         supports_check_mode=True,
     )
     specs = module.params['paths']
+    for spec in specs:
+        # An unquoted YAML mode (0644) arrives as the int 420: the mode itself, as for the file module.
+        if isinstance(spec['mode'], int) and not isinstance(spec['mode'], bool):
+            spec['mode'] = '%04o' % spec['mode']
+        elif spec['mode'] is not None:
+            spec['mode'] = str(spec['mode'])
     errors = check_specs(specs)
     if errors:
         module.fail_json(msg='managed_files: ' + '; '.join(errors))

@@ -150,8 +150,19 @@ def test_prune_untags_an_unreferenced_tag_of_an_image_still_needed():
     assert filters.ai_stack_images_to_prune(info, {f"{REG}:lab": "sha256:kept"}) == []
 
 
-def test_prune_keeps_an_image_that_also_carries_a_foreign_tag():
+def test_prune_keeps_an_image_that_also_carries_a_foreign_tag_and_only_untags_the_stack_s_tags():
+    # day2 (test_6 loads ai-system/agent:lab-next, test_9b prunes lab-next): the image is the
+    # same as the registry's lab and lab-next; only the unreferenced registry tag goes.
+    loaded = image("sha256:1", [f"{REG}:lab", f"{REG}:lab-next", "ai-system/agent:lab-next"], [f"{REG}@sha256:lab"])
+    info = {"images": [loaded], "containers": []}
+    assert filters.ai_stack_images_to_prune(info, {f"{REG}:lab": "sha256:lab"}) == [f"{REG}:lab-next"]
+    # Nothing of it referenced: its stack tags go, the image stays under its other tag.
     info = {"images": [image("sha256:1", [f"{REG}:old", "mirror.example/agent:old"])], "containers": []}
+    assert filters.ai_stack_images_to_prune(info, {f"{REG}:lab": ""}) == [f"{REG}:old"]
+    # A used tag stays; an image with no tag of the stack is not looked at.
+    info = {"images": [image("sha256:1", [f"{REG}:old", "mirror.example/agent:old"]),
+                       image("sha256:2", ["mirror.example/agent:x"], [f"{REG}@sha256:z"])],
+            "containers": [{"Image": f"{REG}:old", "ImageID": "sha256:1"}]}
     assert filters.ai_stack_images_to_prune(info, {f"{REG}:lab": ""}) == []
 
 

@@ -744,7 +744,8 @@ def ai_stack_images_to_prune(host_info: dict, referenced: dict, never: Any = ())
     repositories never removed (the network anchor). An image nothing needs is removed by all
     its tags (by id when untagged, e.g. a tag that moved); an image still needed loses only its
     unreferenced tags (e.g. lab-next when it is the same image as lab). An image that also
-    carries a tag of another repository is left alone.
+    carries a tag of another repository (an archive loaded by hand, a mirror) is never removed:
+    it loses only the stack's unreferenced tags, which untags it and leaves the other tags.
     """
     repositories = {_repository(ref) for ref in referenced} - {_repository(r) for r in never or ()}
     kept_refs = set(referenced)
@@ -757,9 +758,15 @@ def ai_stack_images_to_prune(host_info: dict, referenced: dict, never: Any = ())
         tags = [t for t in image.get("RepoTags") or [] if t and t != "<none>:<none>"]
         digests = [d for d in image.get("RepoDigests") or [] if d and "@" in d and not d.startswith("<none>")]
         names = tags or [d.split("@", 1)[0] for d in digests]
-        if not names or any(_repository(n) not in repositories for n in names):
+        ours = [n for n in names if _repository(n) in repositories]
+        if not ours:
             continue
+        foreign = len(ours) < len(names)
         keep_tags = {t for t in tags if t in kept_refs or t in used_names}
+        if foreign:
+            # Removing a tag of an image with other tags only untags it.
+            remove.extend(sorted(set(tags) & set(ours) - keep_tags))
+            continue
         needed = bool(keep_tags) or image.get("Id") in used_ids or image.get("Id") in used_names \
             or any(d.split("@", 1)[1] in kept_digests for d in digests)
         if not needed:

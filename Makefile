@@ -69,8 +69,10 @@ molecule: venv engine  ## Run the molecule scenarios on the lab
 	@# Scenarios keep the lab registry for the next one (molecule/resources/destroy.yml).
 	ansible-playbook playbooks/lab-down.yml
 
+# Against an earlier commit on the same machine: make bench BENCH_ARGS="--skip-module --against <ref>"
+BENCH_ARGS ?=
 bench: venv engine  ## Benchmarks (module fan-out, lab deploy times)
-	$(BIN)/python scripts/bench
+	$(BIN)/python scripts/bench $(BENCH_ARGS)
 
 clean: lab-down  ## Remove the lab and local caches (not the venv)
 	rm -rf .cache
